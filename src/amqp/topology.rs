@@ -1,0 +1,195 @@
+//! The exchange and queues the worker needs, declared idempotently on every (re)connect.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{AmqpConfig, QueueType, duration};
+use crate::policy::Schedule;
+
+/// Names and arguments of everything the worker declares.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+    pub dead_letter_queue: String,
+    /// One queue per distinct delay of the schedule, in order.
+    pub retry_queues: Vec<(Duration, String)>,
+    pub queue_type: QueueType,
+}
+
+/// A declaration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// Exists with other arguments: an operator must act; retrying cannot help.
+    #[error(
+        "{what} already exists with other arguments: {detail}. Either change the configuration \
+         to match it, or move its messages away and delete it so that it can be declared anew"
+    )]
+    Mismatch { what: String, detail: String },
+    /// The connection or channel failed: retry after reconnecting.
+    #[error("declaring {what} failed: {source}")]
+    Broker {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl Topology {
+    pub fn new(config: &AmqpConfig, schedule: &Schedule) -> Self {
+        let retry_queues = schedule
+            .delays()
+            .into_iter()
+            .map(|delay| {
+                (
+                    delay,
+                    format!("{}{}", config.retry_queue_prefix, duration::format(delay)),
+                )
+            })
+            .collect();
+        Self {
+            exchange: config.exchange.clone(),
+            queue: config.queue.clone(),
+            routing_key: config.routing_key.clone(),
+            dead_letter_queue: config.dead_letter_queue.clone(),
+            retry_queues,
+            queue_type: config.queue_type,
+        }
+    }
+
+    /// The retry queue for a delay the schedule produced.
+    pub fn retry_queue(&self, delay: Duration) -> Option<&str> {
+        self.retry_queues
+            .iter()
+            .find(|(d, _)| *d == delay)
+            .map(|(_, name)| name.as_str())
+    }
+
+    /// Declares the exchange, the work queue and its binding, the retry queues and the
+    /// dead-letter queue. Idempotent; a queue that exists with other arguments is a `Mismatch`.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+        if !self.exchange.is_empty() {
+            let what = format!("exchange '{}'", self.exchange);
+            channel
+                .exchange_declare(
+                    self.exchange.as_str().into(),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| declare_error(what, e))?;
+        }
+
+        // Work queue. Anything the broker itself dead-letters from it (a quorum queue's
+        // delivery limit on RabbitMQ 4) lands in the dead-letter queue instead of vanishing.
+        let mut work = self.base_arguments();
+        dead_letter_to(&mut work, &self.dead_letter_queue);
+        self.at_least_once(&mut work);
+        self.declare_queue(channel, &self.queue, work).await?;
+        if !self.exchange.is_empty() {
+            channel
+                .queue_bind(
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    self.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| declare_error(format!("binding of queue '{}'", self.queue), e))?;
+        }
+
+        for (delay, name) in &self.retry_queues {
+            let mut args = self.base_arguments();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            dead_letter_to(&mut args, &self.queue);
+            self.at_least_once(&mut args);
+            self.declare_queue(channel, name, args).await?;
+        }
+
+        let dead = self.base_arguments();
+        self.declare_queue(channel, &self.dead_letter_queue, dead)
+            .await?;
+        Ok(())
+    }
+
+    fn base_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        // Classic is the broker's default; leaving it implicit keeps queues that operators
+        // declared without `x-queue-type` equivalent.
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), long_string("quorum"));
+        }
+        args
+    }
+
+    /// Quorum queues can dead-letter with confirms inside the broker (RabbitMQ 3.10+), so that
+    /// a job moving from a retry queue back to the work queue cannot be lost on the way.
+    fn at_least_once(&self, args: &mut FieldTable) {
+        if self.queue_type == QueueType::Quorum {
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+        }
+    }
+
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        args: FieldTable,
+    ) -> Result<(), TopologyError> {
+        channel
+            .queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| declare_error(format!("queue '{name}'"), e))
+    }
+}
+
+fn dead_letter_to(args: &mut FieldTable, queue: &str) {
+    // The default exchange routes by queue name: no extra exchange to declare or bind.
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(queue));
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+fn declare_error(what: String, error: lapin::Error) -> TopologyError {
+    let text = error.to_string();
+    // 406 PRECONDITION_FAILED on declare means "exists with other arguments/type".
+    if text.contains("PRECONDITION_FAILED") {
+        let detail = text
+            .split_once("PRECONDITION_FAILED - ")
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or(text);
+        TopologyError::Mismatch { what, detail }
+    } else {
+        TopologyError::Broker {
+            what,
+            source: error,
+        }
+    }
+}
