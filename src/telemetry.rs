@@ -1,0 +1,20 @@
+//! Logging: `tracing` to stderr, as text or JSON lines.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global subscriber. lettre and lapin stay at `info` or quieter whatever the level:
+/// their debug output can contain message bodies and credentials.
+pub fn init(config: &LogConfig) {
+    let filter = EnvFilter::try_new(format!("{},lettre=info,lapin=warn", config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match config.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
