@@ -1,0 +1,140 @@
+//! Running the worker in-process against the test broker and a test relay.
+
+use std::time::Duration;
+
+use amqp_mailer::app::{self, Handles, RunError};
+use amqp_mailer::config::{self, Config, QueueType, TlsMode};
+use amqp_mailer::policy::Schedule;
+use amqp_mailer::status::Phase;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{Broker, WAIT, amqp_url};
+
+/// A configuration for tests: the test's unique names, the relay on `smtp_port` without TLS,
+/// short retry delays, classic queues (quick to create and delete; quorum has its own tests).
+pub fn test_config(broker: &Broker, smtp_port: u16) -> Config {
+    let mut config = config::load(None, Vec::new()).expect("defaults are valid");
+    let names = &broker.names;
+    config.amqp.url = config::Secret::new(amqp_url());
+    config.amqp.exchange = names.exchange.clone();
+    config.amqp.queue = names.queue.clone();
+    config.amqp.routing_key = names.routing_key.clone();
+    config.amqp.retry_queue_prefix = names.retry_prefix.clone();
+    config.amqp.dead_letter_queue = names.dead.clone();
+    config.amqp.queue_type = QueueType::Classic;
+    config.amqp.connection_name = names.prefix.clone();
+    config.amqp.publish_timeout = Duration::from_secs(5);
+    config.amqp.reconnect_max_delay = Duration::from_secs(1);
+    config.smtp.host = "127.0.0.1".into();
+    config.smtp.port = Some(smtp_port);
+    config.smtp.tls = TlsMode::None;
+    config.smtp.from = Some("Test Sender <sender@example.com>".into());
+    config.smtp.hello_name = Some("worker.test".into());
+    config.smtp.timeout = Duration::from_secs(5);
+    config.worker.concurrency = 4;
+    config.retry.initial_delay = Duration::from_millis(300);
+    config.retry.multiplier = 2.0;
+    config.retry.max_delay = Duration::from_secs(2);
+    config.retry.max_attempts = 3;
+    config.shutdown.grace = Duration::from_secs(5);
+    config
+}
+
+/// The retry queue names a configuration declares, for cleanup.
+pub fn retry_queues(config: &Config) -> Vec<String> {
+    Schedule::new(&config.retry)
+        .delays()
+        .into_iter()
+        .map(|d| {
+            format!(
+                "{}{}",
+                config.amqp.retry_queue_prefix,
+                config::duration::format(d)
+            )
+        })
+        .collect()
+}
+
+/// A worker running in this process.
+pub struct RunningWorker {
+    pub handles: Handles,
+    pub shutdown: CancellationToken,
+    pub force: CancellationToken,
+    task: Option<JoinHandle<Result<(), RunError>>>,
+}
+
+impl RunningWorker {
+    /// Starts the worker and waits until it consumes.
+    pub async fn start(broker: &Broker, config: Config) -> Self {
+        broker.also_delete(retry_queues(&config));
+        let worker = Self::spawn(config);
+        worker.wait_for_phase(Phase::Consuming, WAIT).await;
+        worker
+    }
+
+    /// Starts the worker without waiting.
+    pub fn spawn(config: Config) -> Self {
+        let handles = Handles::default();
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        let task = tokio::spawn(app::run(
+            config,
+            handles.clone(),
+            shutdown.clone(),
+            force.clone(),
+        ));
+        Self {
+            handles,
+            shutdown,
+            force,
+            task: Some(task),
+        }
+    }
+
+    pub async fn wait_for_phase(&self, phase: Phase, timeout: Duration) {
+        let mut rx = self.handles.status.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|p| *p == phase))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "worker did not reach {phase:?} within {timeout:?}; it is {:?}",
+                    self.handles.status.readiness(false)
+                )
+            })
+            .expect("status channel open");
+    }
+
+    /// Requests a graceful stop and returns how `run` ended.
+    pub async fn stop(mut self) -> Result<(), RunError> {
+        self.shutdown.cancel();
+        self.join().await
+    }
+
+    /// Waits for `run` to return (after it failed on its own, or after a stop).
+    pub async fn join(&mut self) -> Result<(), RunError> {
+        let task = self.task.take().expect("not joined yet");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("worker stopped in time")
+            .expect("worker task did not panic")
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.force.cancel();
+        self.shutdown.cancel();
+    }
+}
+
+/// A job as JSON, with the usual fields filled in.
+pub fn job(id: &str, to: &str) -> String {
+    serde_json::json!({
+        "id": id,
+        "to": to,
+        "subject": format!("Job {id}"),
+        "text": format!("Hello from job {id}"),
+    })
+    .to_string()
+}
