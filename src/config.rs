@@ -501,9 +501,33 @@ fn from_config_error(error: config::ConfigError) -> ConfigError {
         .nth(1)
         .and_then(|rest| rest.split('`').next())
         .map(str::to_string);
-    match key {
-        Some(key) => ConfigError::new(key, text),
-        None => ConfigError::new("configuration", text),
+    // "unknown field `hots`, expected one of … for key `smtp`": the key is `smtp.hots`.
+    let unknown = text
+        .split("unknown field `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next());
+    match (key, unknown) {
+        (Some(section), Some(field)) => ConfigError::new(
+            format!("{section}.{field}"),
+            format!("unknown key (a typo?); {text}"),
+        ),
+        (Some(key), None) if text.contains("does not have variant constructor") => {
+            let allowed = match key.as_str() {
+                "smtp.tls" => "none, starttls, opportunistic, tls",
+                "amqp.queue_type" => "classic, quorum",
+                "log.format" => "text, json",
+                "smtp.auth_mechanisms" => "plain, login",
+                _ => "",
+            };
+            let value = text
+                .split("variant constructor ")
+                .nth(1)
+                .and_then(|rest| rest.split(" for key").next())
+                .unwrap_or("?");
+            ConfigError::new(key, format!("`{value}` is not one of: {allowed}"))
+        }
+        (Some(key), None) => ConfigError::new(key, text),
+        (None, _) => ConfigError::new("configuration", text),
     }
 }
 
@@ -846,7 +870,7 @@ mod tests {
                 &[("AMQP_MAILER_SMTP__PASSWORD_FILE", "/nonexistent/pw")],
                 "smtp.password_file",
             ),
-            (&[("AMQP_MAILER_SMTP__PROT", "25")], "prot"),
+            (&[("AMQP_MAILER_SMTP__PROT", "25")], "smtp.prot"),
             (&[("AMQP_MAILER_LOG__LEVEL", "info,[[[")], "log.level"),
         ];
         for (vars, key) in cases {

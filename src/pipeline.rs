@@ -69,18 +69,12 @@ impl Worker {
             outcome = field::Empty,
         );
         async {
-            let attempt = match AssertUnwindSafe(self.attempt(&delivery.data))
-                .catch_unwind()
-                .await
-            {
+            let attempt = match guarded(self.attempt(&delivery.data)).await {
                 Ok(attempt) => attempt,
                 // A bug must cost this job an attempt, not the worker its life.
                 Err(panic) => Attempt {
                     outcome: Outcome::Transient,
-                    error: Some(format!(
-                        "internal error while handling the job: {}",
-                        panic_message(&panic)
-                    )),
+                    error: Some(format!("internal error while handling the job: {panic}")),
                     smtp_code: None,
                     relay_reply: None,
                 },
@@ -266,12 +260,37 @@ impl Worker {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "panic".to_string()
+/// Runs `future`, turning a panic inside it into an error with the panic's message.
+pub async fn guarded<T>(future: impl std::future::Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            if let Some(text) = panic.downcast_ref::<&str>() {
+                (*text).to_string()
+            } else if let Some(text) = panic.downcast_ref::<String>() {
+                text.clone()
+            } else {
+                "panic".to_string()
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_error_with_its_message() {
+        let id = 7;
+        let result = guarded(async move {
+            if id == 7 {
+                panic!("job {id} broke the builder");
+            }
+            1
+        })
+        .await;
+        assert_eq!(result, Err("job 7 broke the builder".to_string()));
+        assert_eq!(guarded(async { 2 }).await, Ok(2));
     }
 }

@@ -1,0 +1,207 @@
+//! The compiled binary, end to end: a config file plus environment overrides, jobs published by
+//! a plain AMQP client, mail checked at the SMTP server; bad configuration refused before any
+//! connection.
+
+mod common;
+
+use common::broker::{Broker, WAIT, amqp_url};
+use common::process::{WorkerProcess, free_port, run_to_end};
+use common::smtp::SmtpServer;
+use common::worker::job;
+
+fn config_file(broker: &Broker, smtp_port: u16) -> (tempfile_dir::Dir, String) {
+    let names = &broker.names;
+    let dir = tempfile_dir::Dir::new();
+    let path = dir.path().join("config.toml");
+    let text = format!(
+        r#"[amqp]
+url = "{url}"
+exchange = "{exchange}"
+queue = "{queue}"
+routing_key = "{routing_key}"
+retry_queue_prefix = "{retry}"
+dead_letter_queue = "{dead}"
+queue_type = "classic"
+connection_name = "{prefix}"
+
+[worker]
+concurrency = 4
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+from = "Binary Test <binary@example.com>"
+
+[retry]
+initial_delay = "200ms"
+max_attempts = 2
+"#,
+        url = amqp_url(),
+        exchange = names.exchange,
+        queue = names.queue,
+        routing_key = names.routing_key,
+        retry = names.retry_prefix,
+        dead = names.dead,
+        prefix = names.prefix,
+    );
+    std::fs::write(&path, text).expect("write config");
+    let path = path.to_string_lossy().into_owned();
+    (dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_with_config_file_and_env_overrides_delivers_and_stops_cleanly() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("binary").await;
+    broker.also_delete([format!("{}200ms", broker.names.retry_prefix)]);
+    // The file names a port where nothing listens; the environment overrides it.
+    let (_dir, path) = config_file(&broker, 1);
+    smtp.require_auth("mailer", "s3cret-in-env");
+    let mut worker = WorkerProcess::start(
+        &["--config", &path, "run"],
+        &[
+            ("AMQP_MAILER_SMTP__PORT", smtp.port().to_string()),
+            ("AMQP_MAILER_SMTP__PASSWORD", "s3cret-in-env".into()),
+            ("AMQP_MAILER_SMTP__USERNAME", "mailer".into()),
+            ("AMQP_MAILER_LOG__FORMAT", "json".into()),
+        ],
+    );
+    worker.wait_for_log("consuming", WAIT).await;
+
+    for i in 0..5 {
+        broker
+            .publish(job(&format!("bin-{i}"), &format!("user{i}@example.com")).as_bytes())
+            .await;
+    }
+    let messages = smtp.wait_for_messages(5, WAIT).await;
+    for m in &messages {
+        assert_eq!(m.mail_from, "binary@example.com");
+        assert_eq!(
+            m.auth_user.as_deref(),
+            Some("mailer"),
+            "authenticated with the env password"
+        );
+    }
+    let mut ids: Vec<String> = messages
+        .iter()
+        .map(|m| m.header("Message-ID").expect("id"))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (0..5)
+            .map(|i| format!("<bin-{i}@example.com>"))
+            .collect::<Vec<_>>()
+    );
+
+    worker.signal("TERM");
+    let status = worker.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
+    let log = worker.log().join("\n");
+    assert!(
+        !log.contains("s3cret-in-env"),
+        "the password never appears in logs"
+    );
+    assert!(
+        log.contains("\"job_id\":\"bin-0\""),
+        "JSON logs carry the job id: {log}"
+    );
+    assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_64_naming_the_key_before_connecting() {
+    // The broker URL points where nothing listens: a config error must come first.
+    let dead_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let cases = [
+        ("AMQP_MAILER_SMTP__PORT", "not-a-port", "smtp.port"),
+        ("AMQP_MAILER_SMTP__TIMEOUT", "30", "smtp.timeout"),
+        ("AMQP_MAILER_WORKER__CONCURRENCY", "0", "worker.concurrency"),
+        ("AMQP_MAILER_RETRY__MULTIPLIER", "0.5", "retry.multiplier"),
+        ("AMQP_MAILER_SMTP__TLS", "sometimes", "smtp.tls"),
+        ("AMQP_MAILER_SMTP__HOTS", "x", "smtp.hots"),
+    ];
+    for (key, value, named) in cases {
+        let (status, _, stderr) = run_to_end(
+            &["run"],
+            &[
+                (key, value.to_string()),
+                ("AMQP_MAILER_AMQP__URL", dead_url.clone()),
+            ],
+        )
+        .await;
+        assert_eq!(status.code(), Some(64), "{key}={value}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{key}={value}: stderr should name {named}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("cannot connect"),
+            "failed before connecting: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    }
+    let (status, _, stderr) =
+        run_to_end(&["--config", "/nonexistent/amqp-mailer.toml", "run"], &[]).await;
+    assert_eq!(status.code(), Some(64));
+    assert!(stderr.contains("/nonexistent/amqp-mailer.toml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn config_subcommand_prints_effective_configuration_without_secrets() {
+    let (status, stdout, stderr) = run_to_end(
+        &["config"],
+        &[
+            (
+                "AMQP_MAILER_AMQP__URL",
+                "amqp://app:brokerpw@rabbit:5672/%2f".into(),
+            ),
+            ("AMQP_MAILER_SMTP__USERNAME", "mailer".into()),
+            ("AMQP_MAILER_SMTP__PASSWORD", "smtppw".into()),
+            ("AMQP_MAILER_WORKER__CONCURRENCY", "7".into()),
+        ],
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("concurrency = 7"), "{stdout}");
+    assert!(
+        stdout.contains("amqp://app:***@rabbit:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("brokerpw") && !stdout.contains("smtppw"),
+        "{stdout}"
+    );
+    let _: toml::Value = toml::from_str(&stdout).expect("the output is TOML");
+}
+
+/// A temporary directory removed on drop.
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub struct Dir(PathBuf);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+
+    impl Dir {
+        pub fn new() -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "amqp-mailer-bin-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path).expect("temp dir");
+            Self(path)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

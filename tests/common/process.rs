@@ -1,0 +1,130 @@
+//! The real `amqp-mailer` binary as a child process, with its log lines readable as events.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_amqp-mailer");
+
+pub struct WorkerProcess {
+    child: Child,
+    /// Every stderr line so far.
+    log: watch::Receiver<Vec<String>>,
+}
+
+impl WorkerProcess {
+    /// Starts `amqp-mailer` with `args`, the environment cleared of AMQP_MAILER_* and set to
+    /// `envs`, and JSON-free text logs on stderr.
+    pub fn start(args: &[&str], envs: &[(&str, String)]) -> Self {
+        let mut command = Command::new(BINARY);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AMQP_MAILER")
+                || key == "NOTIFY_SOCKET"
+                || key.starts_with("WATCHDOG_")
+            {
+                command.env_remove(key);
+            }
+        }
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start the amqp-mailer binary");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, log) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tx.send_modify(|log| log.push(line));
+            }
+        });
+        Self { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log so far on timeout.
+    pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let found = tokio::time::timeout(
+            timeout,
+            self.log
+                .wait_for(|lines| lines.iter().any(|l| l.contains(needle))),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|lines| lines.iter().find(|l| l.contains(needle)).cloned());
+        match found {
+            Some(line) => line,
+            None => panic!(
+                "no log line with {needle:?} within {timeout:?}; log so far:\n{}",
+                self.log().join("\n")
+            ),
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.borrow().clone()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; panics with its log on timeout.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!(
+                "amqp-mailer did not exit within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            ),
+        }
+    }
+}
+
+/// Runs the binary to completion (for subcommands like `config`); returns status, stdout, stderr.
+pub async fn run_to_end(args: &[&str], envs: &[(&str, String)]) -> (ExitStatus, String, String) {
+    let mut command = Command::new(BINARY);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AMQP_MAILER") {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("finished in time")
+        .expect("run binary");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
