@@ -8,7 +8,7 @@ use futures_util::StreamExt as _;
 use lapin::Connection;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
-use crate::pipeline::Worker;
+use crate::pipeline::{JobEvent, RecentlySettled, Worker};
 use crate::policy::Schedule;
 use crate::smtp::Relay;
 use crate::status::{Phase, Status};
@@ -35,10 +35,23 @@ pub enum RunError {
 }
 
 /// Handles shared with whoever started the worker (the binary, or a test).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Handles {
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
+    /// Every settled delivery; subscribe to follow them.
+    pub events: broadcast::Sender<JobEvent>,
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Self {
+            metrics: Arc::default(),
+            status: Arc::default(),
+            // A listener that falls this far behind misses events; the worker never waits for it.
+            events: broadcast::channel(4096).0,
+        }
+    }
 }
 
 /// Runs the worker until `shutdown` is cancelled, then drains: stops consuming, lets the jobs in
@@ -50,7 +63,11 @@ pub async fn run(
     shutdown: CancellationToken,
     force: CancellationToken,
 ) -> Result<(), RunError> {
-    let Handles { metrics, status } = handles;
+    let Handles {
+        metrics,
+        status,
+        events,
+    } = handles;
     let concurrency = usize::from(config.worker.concurrency);
     let schedule = Schedule::new(&config.retry);
     let topology = Topology::new(&config.amqp, &schedule);
@@ -78,6 +95,9 @@ pub async fn run(
         limits: Limits::new(config.worker.max_job_bytes, &config.limits),
         defaults,
         metrics: metrics.clone(),
+        events,
+        // Enough for the deliveries of several prefetch windows; 16 bytes or so each.
+        settled: RecentlySettled::new(16 * 1024),
     });
 
     // Background tasks end with `background`, after the drain.
@@ -125,6 +145,7 @@ pub async fn run(
         metrics: metrics.clone(),
         tracker: TaskTracker::new(),
         jobs: Arc::new(Semaphore::new(concurrency)),
+        abandon_all: CancellationToken::new(),
         beat_every,
     };
     let result = supervisor.run(&shutdown, &force).await;
@@ -142,6 +163,8 @@ struct Supervisor<'a> {
     tracker: TaskTracker,
     /// At most `concurrency` jobs at once, even while the deliveries of a lost connection finish.
     jobs: Arc<Semaphore>,
+    /// Cancelled when the shutdown grace is over: jobs not yet sending give up.
+    abandon_all: CancellationToken,
     beat_every: Duration,
 }
 
@@ -213,8 +236,10 @@ impl Supervisor<'_> {
         let connect = async {
             // Separate connections: broker flow control blocks publishers, and must not stall
             // the acks and deliveries of the consumer.
-            let consume = amqp::connect(url, &amqp.connection_name, "consume").await?;
-            let publish = amqp::connect(url, &amqp.connection_name, "publish").await?;
+            let (name, heartbeat, timeout) =
+                (&amqp.connection_name, amqp.heartbeat, amqp.connect_timeout);
+            let consume = amqp::connect(url, name, "consume", heartbeat, timeout).await?;
+            let publish = amqp::connect(url, name, "publish", heartbeat, timeout).await?;
             Ok::<_, lapin::Error>((consume, publish))
         };
         let (consume_conn, publish_conn) = tokio::select! {
@@ -286,6 +311,8 @@ impl Supervisor<'_> {
         );
         systemd::ready(&summary);
 
+        // Cancelled when this session's channel is lost: its deliveries can no longer be acked.
+        let abandon = self.abandon_all.child_token();
         let mut beat = tokio::time::interval(self.beat_every);
         let end = loop {
             self.status.beat();
@@ -310,8 +337,9 @@ impl Supervisor<'_> {
             match delivery {
                 Some(Ok(delivery)) => {
                     let worker = self.worker.clone();
+                    let abandon = abandon.clone();
                     self.tracker.spawn(async move {
-                        worker.handle(delivery).await;
+                        worker.handle(delivery, abandon).await;
                         drop(permit);
                     });
                 }
@@ -350,6 +378,7 @@ impl Supervisor<'_> {
             close(&consume_conn, &publish_conn).await;
             tracing::info!("stopped");
         } else {
+            abandon.cancel();
             let _ = self.worker.publisher.detach();
             close(&consume_conn, &publish_conn).await;
         }
@@ -376,6 +405,8 @@ impl Supervisor<'_> {
                 );
             }
         }
+        // Whatever has not started sending must not start now: it is going back to the queue.
+        self.abandon_all.cancel();
     }
 }
 

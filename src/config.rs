@@ -81,6 +81,13 @@ pub struct AmqpConfig {
     /// Longest wait between two reconnection attempts after the broker is lost. Default `30s`.
     #[serde(with = "duration")]
     pub reconnect_max_delay: Duration,
+    /// AMQP heartbeat: a broker silent for twice this is taken as lost (a cut that TCP does not
+    /// report). Whole seconds, at least `1s`. Default `10s`; a `heartbeat=` in the URL wins.
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// Deadline for opening a broker connection (TCP, TLS, AMQP handshake). Default `10s`.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
 }
 
 impl Default for AmqpConfig {
@@ -96,6 +103,8 @@ impl Default for AmqpConfig {
             publish_timeout: Duration::from_secs(10),
             connection_name: "amqp-mailer".into(),
             reconnect_max_delay: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -572,6 +581,16 @@ impl Config {
         }
         positive("amqp.publish_timeout", amqp.publish_timeout)?;
         positive("amqp.reconnect_max_delay", amqp.reconnect_max_delay)?;
+        positive("amqp.connect_timeout", amqp.connect_timeout)?;
+        if amqp.heartbeat < Duration::from_secs(1)
+            || amqp.heartbeat > Duration::from_secs(3600)
+            || amqp.heartbeat.subsec_nanos() != 0
+        {
+            return Err(ConfigError::new(
+                "amqp.heartbeat",
+                "must be whole seconds between 1s and 1h",
+            ));
+        }
 
         if self.worker.concurrency == 0 {
             return Err(ConfigError::new("worker.concurrency", "must be at least 1"));

@@ -32,12 +32,15 @@ pub struct Metrics {
     pub jobs_retried: Family<AttemptLabel, Counter>,
     pub jobs_dead_lettered: Family<KindLabel, Counter>,
     pub jobs_requeued: Counter,
+    pub jobs_abandoned: Counter,
     pub jobs_in_flight: Gauge,
     pub smtp_send_duration: Family<OutcomeLabel, Histogram>,
     pub smtp_sessions_open: Gauge,
     pub smtp_stale_connections: Counter,
     pub broker_connected: Gauge,
     pub possible_duplicates: Counter,
+    pub jobs_redelivered: Counter,
+    pub duplicates_avoided: Counter,
     pub broker_reconnects: Counter,
 }
 
@@ -89,6 +92,13 @@ impl Metrics {
              was not confirmed",
             jobs_requeued.clone(),
         );
+        let jobs_abandoned = Counter::default();
+        registry.register(
+            "jobs_abandoned",
+            "Jobs stopped before their message was sent because their delivery could no longer \
+             be acked (broker connection lost, shutdown grace over); the broker redelivers them",
+            jobs_abandoned.clone(),
+        );
         let jobs_in_flight = Gauge::default();
         registry.register(
             "jobs_in_flight",
@@ -130,6 +140,20 @@ impl Metrics {
              broker redelivers them",
             possible_duplicates.clone(),
         );
+        let jobs_redelivered = Counter::default();
+        registry.register(
+            "jobs_redelivered",
+            "Deliveries the broker marked as redelivered: handled before by this or another \
+             worker whose ack never arrived, so possibly sent before",
+            jobs_redelivered.clone(),
+        );
+        let duplicates_avoided = Counter::default();
+        registry.register(
+            "duplicates_avoided",
+            "Redeliveries of jobs this worker had already handled (their ack was lost with the \
+             connection), acked without sending again",
+            duplicates_avoided.clone(),
+        );
         let broker_reconnects = Counter::default();
         registry.register(
             "broker_reconnects",
@@ -143,12 +167,15 @@ impl Metrics {
             jobs_retried,
             jobs_dead_lettered,
             jobs_requeued,
+            jobs_abandoned,
             jobs_in_flight,
             smtp_send_duration,
             smtp_sessions_open,
             smtp_stale_connections,
             broker_connected,
             possible_duplicates,
+            jobs_redelivered,
+            duplicates_avoided,
             broker_reconnects,
         }
     }

@@ -1,13 +1,16 @@
 //! One delivery, top to bottom: decode → build → send → decide → settle. Every delivery is
 //! settled exactly once, whatever happens, a panic included.
 
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, Span, field};
 
 use crate::amqp::{FailureHeaders, Publisher, Topology, attempts_made, republish_properties};
@@ -30,34 +33,70 @@ pub struct Worker {
     pub limits: Limits,
     pub defaults: MessageDefaults,
     pub metrics: Arc<Metrics>,
+    pub events: broadcast::Sender<JobEvent>,
+    pub settled: RecentlySettled,
+}
+
+/// How a delivery was settled, for whoever listens (tests, tools). Sending costs next to
+/// nothing when nobody listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// The job's `id`, else the AMQP message id.
+    pub job_id: Option<String>,
+    /// The attempt this was, 1-based.
+    pub attempt: u32,
+    pub outcome: JobOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    Delivered,
+    /// Republished to a retry queue (confirmed) and acked.
+    Retried,
+    /// Republished to the dead-letter queue (confirmed) and acked.
+    DeadLettered(ErrorKind),
+    /// Handed back to the work queue because the republish was not confirmed.
+    Requeued,
+    /// Stopped before sending; the broker delivers it again.
+    Abandoned,
+    /// A redelivery of a delivery this worker had settled but could not ack: acked, not sent.
+    AlreadyHandled,
 }
 
 /// How one attempt ended.
-struct Attempt {
-    outcome: Outcome,
-    error: Option<String>,
-    smtp_code: Option<u16>,
-    relay_reply: Option<String>,
+enum Attempt {
+    Delivered {
+        relay_reply: String,
+    },
+    Failed {
+        outcome: Outcome,
+        error: String,
+        smtp_code: Option<u16>,
+    },
+    /// Stopped before sending; not to be settled.
+    Abandoned,
 }
 
 impl Attempt {
     fn invalid(reason: impl ToString) -> Self {
-        Self {
+        Attempt::Failed {
             outcome: Outcome::Invalid,
-            error: Some(reason.to_string()),
+            error: reason.to_string(),
             smtp_code: None,
-            relay_reply: None,
         }
     }
 }
 
 impl Worker {
     /// Handles one delivery to the end: it is acked, or republished then acked, or handed back.
-    pub async fn handle(self: Arc<Self>, delivery: Delivery) {
+    /// `abandon` is cancelled when the delivery can no longer be settled (its channel is gone, or
+    /// the shutdown grace is over): a job that has not yet sent its message then stops, and the
+    /// broker delivers it again, instead of it being sent now and again after redelivery.
+    pub async fn handle(self: Arc<Self>, delivery: Delivery, abandon: CancellationToken) {
         self.metrics.jobs_received.inc();
         self.metrics.jobs_in_flight.inc();
         let attempts_before = attempts_made(&delivery.properties);
-        let job_id = delivery
+        let mut job_id = delivery
             .properties
             .message_id()
             .as_ref()
@@ -69,45 +108,82 @@ impl Worker {
             outcome = field::Empty,
         );
         async {
-            let attempt = match guarded(self.attempt(&delivery.data)).await {
-                Ok(attempt) => attempt,
-                // A bug must cost this job an attempt, not the worker its life.
-                Err(panic) => Attempt {
-                    outcome: Outcome::Transient,
-                    error: Some(format!("internal error while handling the job: {panic}")),
-                    smtp_code: None,
-                    relay_reply: None,
-                },
+            let key = settle_key(&delivery.data, attempts_before);
+            let settled = if delivery.redelivered && self.settled.contains(key) {
+                // We handled this very delivery and its ack was lost with the connection:
+                // sending it again would only make a duplicate.
+                self.metrics.jobs_redelivered.inc();
+                self.metrics.duplicates_avoided.inc();
+                tracing::info!(
+                    outcome = "already-handled",
+                    "redelivered after a lost ack; this worker had already handled it: acked \
+                     without sending again"
+                );
+                self.ack(&delivery).await;
+                JobOutcome::AlreadyHandled
+            } else {
+                if delivery.redelivered {
+                    // Its earlier handling (elsewhere, or before a restart) may have reached the
+                    // relay; the stable Message-ID lets receivers drop the copy.
+                    self.metrics.jobs_redelivered.inc();
+                    tracing::info!("redelivered by the broker: it may have been sent before");
+                }
+                let attempt =
+                    match guarded(self.attempt(&delivery.data, &mut job_id, &abandon)).await {
+                        Ok(attempt) => attempt,
+                        // A bug must cost this job an attempt, not the worker its life.
+                        Err(panic) => Attempt::Failed {
+                            outcome: Outcome::Transient,
+                            error: format!("internal error while handling the job: {panic}"),
+                            smtp_code: None,
+                        },
+                    };
+                let settled = self.settle(&delivery, attempts_before, attempt).await;
+                if matches!(
+                    settled,
+                    JobOutcome::Delivered | JobOutcome::Retried | JobOutcome::DeadLettered(_)
+                ) {
+                    self.settled.insert(key);
+                }
+                settled
             };
-            let decision = self.schedule.decide(attempt.outcome, attempts_before);
-            self.settle(&delivery, decision, attempt).await;
+            Span::current().record("outcome", outcome_name(settled));
+            let _ = self.events.send(JobEvent {
+                job_id,
+                attempt: attempts_before + 1,
+                outcome: settled,
+            });
         }
         .instrument(span)
         .await;
         self.metrics.jobs_in_flight.dec();
     }
 
-    async fn attempt(&self, body: &[u8]) -> Attempt {
+    async fn attempt(
+        &self,
+        body: &[u8],
+        job_id: &mut Option<String>,
+        abandon: &CancellationToken,
+    ) -> Attempt {
         let job = match job::decode(body, &self.limits) {
             Ok(job) => job,
             Err(invalid) => return Attempt::invalid(invalid),
         };
         if let Some(id) = &job.id {
             Span::current().record("job_id", id.as_str());
+            *job_id = Some(id.clone());
         }
         let out = match message::build(&job, body, &self.defaults) {
             Ok(out) => out,
             Err(invalid) => return Attempt::invalid(invalid),
         };
-        match self.relay.send(&out).await {
-            Ok(accepted) => Attempt {
-                outcome: Outcome::Delivered,
-                error: None,
-                smtp_code: None,
-                relay_reply: Some(accepted.reply),
+        match self.relay.send(&out, abandon).await {
+            Ok(accepted) => Attempt::Delivered {
+                relay_reply: accepted.reply,
             },
             Err(error) => {
                 let outcome = match error.class {
+                    FailureClass::Abandoned => return Attempt::Abandoned,
                     FailureClass::Permanent => Outcome::Rejected,
                     FailureClass::Transient | FailureClass::Timeout => Outcome::Transient,
                     FailureClass::Auth => {
@@ -119,119 +195,119 @@ impl Worker {
                         Outcome::Transient
                     }
                 };
-                Attempt {
+                Attempt::Failed {
                     outcome,
-                    error: Some(error.to_string()),
+                    error: error.to_string(),
                     smtp_code: error.code,
-                    relay_reply: None,
                 }
             }
         }
     }
 
-    async fn settle(&self, delivery: &Delivery, decision: Decision, attempt: Attempt) {
-        let span = Span::current();
-        match decision {
-            Decision::Ack => {
-                span.record("outcome", "delivered");
+    /// Settles the delivery exactly once and says how.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        attempts_before: u32,
+        attempt: Attempt,
+    ) -> JobOutcome {
+        let (outcome, error, smtp_code) = match attempt {
+            Attempt::Abandoned => {
                 tracing::info!(
-                    outcome = "delivered",
-                    relay_reply = attempt.relay_reply.as_deref().unwrap_or(""),
-                    "delivered"
+                    outcome = "abandoned",
+                    "stopped before sending; the broker will deliver the job again"
                 );
+                self.metrics.jobs_abandoned.inc();
+                return JobOutcome::Abandoned;
+            }
+            Attempt::Delivered { relay_reply } => {
+                tracing::info!(outcome = "delivered", %relay_reply, "delivered");
                 self.metrics.jobs_delivered.inc();
                 self.ack(delivery).await;
+                return JobOutcome::Delivered;
             }
-            Decision::Retry {
-                attempt: attempt_no,
-                delay,
-            } => {
-                span.record("outcome", "retry");
-                let Some(queue) = self.topology.retry_queue(delay) else {
+            Attempt::Failed {
+                outcome,
+                error,
+                smtp_code,
+            } => (outcome, error, smtp_code),
+        };
+        let (attempt, kind, queue, delay) = match self.schedule.decide(outcome, attempts_before) {
+            // The schedule acks only deliveries; were that ever to change, the safe side is to
+            // hand the job back rather than ack a failure.
+            Decision::Ack => {
+                tracing::error!(
+                    "internal: a failed attempt was decided as delivered; handing it back"
+                );
+                self.requeue(delivery).await;
+                return JobOutcome::Requeued;
+            }
+            Decision::Retry { attempt, delay } => match self.topology.retry_queue(delay) {
+                Some(queue) => (attempt, ErrorKind::Transient, queue, Some(delay)),
+                None => {
                     // Cannot happen: the retry queues are made from the same schedule.
                     tracing::error!(
                         ?delay,
                         "no retry queue for this delay; handing the job back"
                     );
                     self.requeue(delivery).await;
-                    return;
-                };
-                let error = attempt.error.unwrap_or_default();
-                let failure = FailureHeaders {
-                    attempt: attempt_no,
-                    kind: ErrorKind::Transient,
-                    last_error: error.clone(),
-                    smtp_code: attempt.smtp_code,
-                    failed_at: SystemTime::now(),
-                };
-                let properties = republish_properties(&delivery.properties, &failure);
-                match self
-                    .publisher
-                    .publish("", queue, &delivery.data, properties)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::warn!(
-                            outcome = "retry",
-                            smtp_code = attempt.smtp_code,
-                            retry_in = %crate::config::duration::format(delay),
-                            queue,
-                            %error,
-                            "attempt failed; retrying later"
-                        );
-                        self.metrics.retried(attempt_no);
-                        self.ack(delivery).await;
-                    }
-                    Err(publish_error) => {
-                        tracing::error!(
-                            %publish_error, %error,
-                            "could not publish the retry; handing the job back to the work queue"
-                        );
-                        self.requeue(delivery).await;
-                    }
+                    return JobOutcome::Requeued;
                 }
-            }
-            Decision::DeadLetter {
-                attempt: attempt_no,
+            },
+            Decision::DeadLetter { attempt, kind } => (
+                attempt,
                 kind,
-            } => {
-                span.record("outcome", kind.as_str());
-                let error = attempt.error.unwrap_or_default();
-                let failure = FailureHeaders {
-                    attempt: attempt_no,
-                    kind,
-                    last_error: error.clone(),
-                    smtp_code: attempt.smtp_code,
-                    failed_at: SystemTime::now(),
-                };
-                let properties = republish_properties(&delivery.properties, &failure);
-                let queue = self.topology.dead_letter_queue.as_str();
-                match self
-                    .publisher
-                    .publish("", queue, &delivery.data, properties)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::error!(
-                            outcome = kind.as_str(),
-                            smtp_code = attempt.smtp_code,
-                            queue,
-                            reason = %error,
-                            "job dead-lettered"
-                        );
-                        self.metrics.dead_lettered(kind);
-                        self.ack(delivery).await;
-                    }
-                    Err(publish_error) => {
-                        tracing::error!(
-                            %publish_error, reason = %error,
-                            "could not publish the dead letter; handing the job back to the work queue"
-                        );
-                        self.requeue(delivery).await;
-                    }
-                }
-            }
+                self.topology.dead_letter_queue.as_str(),
+                None,
+            ),
+        };
+        let failure = FailureHeaders {
+            attempt,
+            kind,
+            last_error: error.clone(),
+            smtp_code,
+            failed_at: SystemTime::now(),
+        };
+        let properties = republish_properties(&delivery.properties, &failure);
+        if let Err(publish_error) = self
+            .publisher
+            .publish("", queue, &delivery.data, properties)
+            .await
+        {
+            tracing::error!(
+                %publish_error, %error, queue,
+                "could not publish the job to {queue}; handing it back to the work queue"
+            );
+            self.requeue(delivery).await;
+            return JobOutcome::Requeued;
         }
+        let settled = match delay {
+            Some(delay) => {
+                tracing::warn!(
+                    outcome = "retry",
+                    smtp_code,
+                    retry_in = %crate::config::duration::format(delay),
+                    queue,
+                    %error,
+                    "attempt failed; retrying later"
+                );
+                self.metrics.retried(attempt);
+                JobOutcome::Retried
+            }
+            None => {
+                tracing::error!(
+                    outcome = kind.as_str(),
+                    smtp_code,
+                    queue,
+                    reason = %error,
+                    "job dead-lettered"
+                );
+                self.metrics.dead_lettered(kind);
+                JobOutcome::DeadLettered(kind)
+            }
+        };
+        self.ack(delivery).await;
+        settled
     }
 
     async fn ack(&self, delivery: &Delivery) {
@@ -257,6 +333,69 @@ impl Worker {
         };
         // If this fails too, the channel is gone and the broker requeues the job by itself.
         let _ = delivery.acker.nack(options).await;
+    }
+}
+
+fn outcome_name(outcome: JobOutcome) -> &'static str {
+    match outcome {
+        JobOutcome::Delivered => "delivered",
+        JobOutcome::Retried => "retry",
+        JobOutcome::DeadLettered(kind) => kind.as_str(),
+        JobOutcome::Requeued => "requeued",
+        JobOutcome::Abandoned => "abandoned",
+        JobOutcome::AlreadyHandled => "already-handled",
+    }
+}
+
+/// Identifies a delivery: the job's bytes and the attempt. Retries and replays are other
+/// deliveries (another attempt header or none); a broker redelivery is the same.
+fn settle_key(body: &[u8], attempts_before: u32) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    attempts_before.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The deliveries this worker settled lately, so that a redelivery after a lost ack is not sent
+/// twice. Bounded: the oldest are forgotten first.
+pub struct RecentlySettled {
+    inner: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    capacity: usize,
+}
+
+impl RecentlySettled {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new((
+                HashSet::with_capacity(capacity),
+                VecDeque::with_capacity(capacity),
+            )),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashSet<u64>, VecDeque<u64>)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn contains(&self, key: u64) -> bool {
+        self.lock().0.contains(&key)
+    }
+
+    fn insert(&self, key: u64) {
+        let mut guard = self.lock();
+        let (set, order) = &mut *guard;
+        if set.insert(key) {
+            order.push_back(key);
+            if order.len() > self.capacity
+                && let Some(oldest) = order.pop_front()
+            {
+                set.remove(&oldest);
+            }
+        }
     }
 }
 

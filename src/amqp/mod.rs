@@ -3,6 +3,7 @@
 mod headers;
 mod topology;
 
+use std::str::FromStr as _;
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -16,11 +17,30 @@ pub use headers::{
 pub use topology::{Topology, TopologyError};
 
 /// Opens a connection named `<name>.<role>` (shown by `rabbitmqctl list_connections name` and in
-/// the management UI, and usable with `rabbitmqctl close_connection`).
-pub async fn connect(url: &str, name: &str, role: &str) -> lapin::Result<Connection> {
+/// the management UI, and usable with `rabbitmqctl close_connection`), with `heartbeat` unless
+/// the URL sets one, within `timeout`.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    role: &str,
+    heartbeat: Duration,
+    timeout: Duration,
+) -> lapin::Result<Connection> {
+    // Checked when the configuration was loaded; kept as an error here all the same.
+    let mut uri = lapin::uri::AMQPUri::from_str(url)
+        .map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(heartbeat.as_secs().min(u64::from(u16::MAX)) as u16);
+    }
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("{name}.{role}")));
-    Connection::connect(url, properties).await
+    match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?}"),
+        ))),
+    }
 }
 
 /// Why a publish did not make it.

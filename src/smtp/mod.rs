@@ -21,6 +21,7 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use connect::Connector;
 pub use connect::TlsSetupError;
@@ -99,6 +100,9 @@ pub enum FailureClass {
     Auth,
     /// No answer within the deadline.
     Timeout,
+    /// Given up before the message was sent, because the job's delivery can no longer be settled
+    /// (broker connection lost, shutdown grace over): the broker will deliver it again.
+    Abandoned,
 }
 
 /// A failed send.
@@ -261,11 +265,17 @@ impl Relay {
         self.auth_failing.load(Ordering::Relaxed)
     }
 
-    /// Sends one message, within the deadline (`smtp.timeout`) for the whole of it.
-    pub async fn send(&self, out: &Outgoing) -> Result<Accepted, SendError> {
+    /// Sends one message, within the deadline (`smtp.timeout`) for the whole of it. Once
+    /// `abandon` is cancelled, a send that has not yet started writing the message gives up.
+    pub async fn send(
+        &self,
+        out: &Outgoing,
+        abandon: &CancellationToken,
+    ) -> Result<Accepted, SendError> {
         let started = Instant::now();
         let stage = StageCell::new();
-        let result = match tokio::time::timeout(self.deadline, self.send_inner(out, &stage)).await {
+        let send = self.send_inner(out, &stage, abandon);
+        let result = match tokio::time::timeout(self.deadline, send).await {
             Ok(result) => result,
             // The cancelled send's session was dropped, never returned to the pool half-done.
             Err(_) => Err(SendError::new(
@@ -281,6 +291,7 @@ impl Relay {
         };
         let outcome = match &result {
             Ok(_) => "delivered",
+            Err(e) if e.class == FailureClass::Abandoned => return result,
             Err(e) if e.class == FailureClass::Permanent => "rejected",
             Err(_) => "failed",
         };
@@ -298,13 +309,21 @@ impl Relay {
         result
     }
 
-    async fn send_inner(&self, out: &Outgoing, stage: &StageCell) -> Result<Accepted, SendError> {
+    async fn send_inner(
+        &self,
+        out: &Outgoing,
+        stage: &StageCell,
+        abandon: &CancellationToken,
+    ) -> Result<Accepted, SendError> {
         // A pooled session may have been closed by the relay while idle; that shows at MAIL
         // FROM, before anything about the message was said. One fresh session is tried then.
         let mut fresh_only = false;
         loop {
+            if abandon.is_cancelled() {
+                return Err(abandoned(stage.get()));
+            }
             let (mut session, reused) = self.checkout(stage, fresh_only).await?;
-            match transaction(&mut session.conn, out, stage).await {
+            match transaction(&mut session.conn, out, stage, abandon).await {
                 Ok(accepted) => {
                     session.last_used = Instant::now();
                     self.checkin(session);
@@ -417,6 +436,7 @@ async fn transaction(
     conn: &mut AsyncSmtpConnection,
     out: &Outgoing,
     stage: &StageCell,
+    abandon: &CancellationToken,
 ) -> Result<Accepted, TransactionFailure> {
     let envelope = &out.envelope;
     let mut parameters = Vec::new();
@@ -445,18 +465,38 @@ async fn transaction(
     }
 
     stage.set(Stage::Mail);
-    if let Err(e) = conn
+    match conn
         .command(Mail::new(envelope.from().cloned(), parameters))
         .await
     {
-        let error = classify(&e, Stage::Mail);
-        // No reply code: the socket is gone. 421: the relay is closing it.
-        let gone = error.code.is_none() || error.code == Some(421);
-        return Err(TransactionFailure {
-            stale_session: gone,
-            session_reusable: !gone && reset(conn).await,
-            error,
-        });
+        Ok(reply) if u16::from(reply.code()) == 250 => {}
+        // 221 and the like: the relay is saying goodbye, as some do to idle sessions.
+        Ok(reply) => {
+            return Err(TransactionFailure {
+                error: SendError::new(
+                    FailureClass::Transient,
+                    Some(u16::from(reply.code())),
+                    format!(
+                        "unexpected reply {} {}",
+                        u16::from(reply.code()),
+                        reply.message().collect::<Vec<_>>().join(" ")
+                    ),
+                    Stage::Mail,
+                ),
+                stale_session: true,
+                session_reusable: false,
+            });
+        }
+        Err(e) => {
+            let error = classify(&e, Stage::Mail);
+            // No reply code: the socket is gone. 421: the relay is closing it.
+            let gone = error.code.is_none() || error.code == Some(421);
+            return Err(TransactionFailure {
+                stale_session: gone,
+                session_reusable: !gone && reset(conn).await,
+                error,
+            });
+        }
     }
     stage.set(Stage::Rcpt);
     for recipient in envelope.to() {
@@ -469,6 +509,14 @@ async fn transaction(
     stage.set(Stage::Data);
     if let Err(e) = conn.command(Data).await {
         return Err(failure_after_reply(conn, classify(&e, Stage::Data)).await);
+    }
+    // Last moment to give up without the relay having the message.
+    if abandon.is_cancelled() {
+        return Err(TransactionFailure {
+            error: abandoned(Stage::Data),
+            stale_session: false,
+            session_reusable: false,
+        });
     }
     stage.set(Stage::DataEnd);
     // lettre ends the data with CRLF "." CRLF whatever it ends with; a message that already ends
@@ -493,6 +541,15 @@ async fn transaction(
             })
         }
     }
+}
+
+fn abandoned(stage: Stage) -> SendError {
+    SendError::new(
+        FailureClass::Abandoned,
+        None,
+        "given up before sending: the delivery can no longer be acked".into(),
+        stage,
+    )
 }
 
 async fn failure_after_reply(
