@@ -16,3 +16,4 @@ pub mod smtp;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;
+pub mod tools;

@@ -1,6 +1,6 @@
 //! Everything that touches lapin: connections, topology, confirmed publishing, headers.
 
-mod headers;
+pub mod headers;
 mod topology;
 
 use std::str::FromStr as _;

@@ -172,7 +172,13 @@ pub(crate) fn classify(error: &lettre::transport::smtp::Error, stage: Stage) -> 
     } else {
         FailureClass::Transient
     };
-    SendError::new(class, None, error.to_string(), stage)
+    // lettre wraps some connection errors in a second "Connection error: ".
+    let text = error.to_string().replacen(
+        "Connection error: Connection error: ",
+        "Connection error: ",
+        1,
+    );
+    SendError::new(class, None, text, stage)
 }
 
 /// The relay's words without lettre's "permanent error (550): " prefix.

@@ -274,6 +274,16 @@ impl Reader {
         delivery
     }
 
+    /// Every delivery until none arrives for `quiet`, acked.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.consumer.next()).await {
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push(delivery);
+        }
+        out
+    }
+
     /// Asserts nothing arrives within `quiet` (a bounded negative check).
     pub async fn expect_nothing(&mut self, quiet: Duration) {
         if let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.consumer.next()).await {

@@ -1,0 +1,341 @@
+//! `amqp-mailer dead-letters list|replay`: look at the dead-letter queue, and move jobs from it
+//! back to the work queue.
+//!
+//! Reading never removes: deliveries are held unacked and return to the queue when the channel
+//! closes. That is not a reject-with-requeue, so on RabbitMQ 4 it does not count towards a quorum
+//! queue's delivery limit. Replay publishes each job to the work queue, waits for the broker's
+//! confirm, and only then acks it in the dead-letter queue: a crash in between leaves the job in
+//! both queues (once in each), never in neither.
+
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection};
+
+use super::ToolError;
+use crate::amqp::{self, Publisher, header_text, replay_properties};
+use crate::config::Config;
+
+/// Which dead letters a command is about.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// `error-kind` values to match; empty matches all.
+    pub kinds: Vec<String>,
+    /// Only those that failed at least this long ago.
+    pub older_than: Option<Duration>,
+    /// Only those that failed at most this long ago.
+    pub newer_than: Option<Duration>,
+    /// Only this job id.
+    pub id: Option<String>,
+}
+
+/// One dead letter, as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: Option<String>,
+    pub kind: Option<String>,
+    pub reason: Option<String>,
+    pub attempts: Option<String>,
+    pub smtp_code: Option<String>,
+    pub failed_at: Option<String>,
+    pub bytes: usize,
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: &Delivery) -> Self {
+        let properties = &delivery.properties;
+        // The job's own id if the body is a job, else the AMQP message id.
+        let id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|id| id.as_str().map(str::to_string)))
+            .or_else(|| {
+                properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_string())
+            });
+        // A job the broker dead-lettered itself (a quorum queue's delivery limit) has only x-death.
+        let kind = header_text(properties, amqp::headers::ERROR_KIND).or_else(|| {
+            header_text(properties, "x-first-death-reason").map(|r| format!("broker:{r}"))
+        });
+        Self {
+            id,
+            kind,
+            reason: header_text(properties, amqp::headers::LAST_ERROR),
+            attempts: header_text(properties, amqp::headers::ATTEMPT),
+            smtp_code: header_text(properties, amqp::headers::SMTP_CODE),
+            failed_at: header_text(properties, amqp::headers::FAILED_AT),
+            bytes: delivery.data.len(),
+        }
+    }
+
+    fn matches(&self, filter: &Filter, now: SystemTime) -> bool {
+        if !filter.kinds.is_empty()
+            && !self
+                .kind
+                .as_ref()
+                .is_some_and(|k| filter.kinds.iter().any(|f| f == k))
+        {
+            return false;
+        }
+        if let Some(id) = &filter.id
+            && self.id.as_ref() != Some(id)
+        {
+            return false;
+        }
+        if filter.older_than.is_some() || filter.newer_than.is_some() {
+            let Some(age) = self
+                .failed_at
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| now.duration_since(t).ok())
+            else {
+                // Without a failure time an age filter cannot match.
+                return false;
+            };
+            if filter.older_than.is_some_and(|min| age < min)
+                || filter.newer_than.is_some_and(|max| age > max)
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Lists up to `max` dead letters matching `filter`, looking at most at `scan` of them. Removes
+/// nothing.
+pub async fn list(
+    config: &Config,
+    filter: &Filter,
+    max: usize,
+    scan: u16,
+) -> Result<Vec<DeadLetter>, ToolError> {
+    let connection = connect(config, "dead-letters-list").await?;
+    let result = async {
+        let (channel, mut reader) = Reader::open(&connection, config, scan).await?;
+        let now = SystemTime::now();
+        let mut found = Vec::new();
+        while found.len() < max {
+            let Some(delivery) = reader.next().await? else {
+                break;
+            };
+            let letter = DeadLetter::from_delivery(&delivery);
+            if letter.matches(filter, now) {
+                found.push(letter);
+            }
+        }
+        // Closing the channel hands every delivery back, in order, unacked.
+        let _ = channel.close(200, "listed".into()).await;
+        Ok(found)
+    };
+    let result = result.await;
+    let _ = connection.close(200, "bye".into()).await;
+    result
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReplayReport {
+    pub replayed: usize,
+    pub looked_at: usize,
+}
+
+/// Moves up to `max` matching dead letters back to the work queue with a fresh attempt count, at
+/// most `rate` per second. Each is published and confirmed before it is removed.
+pub async fn replay(
+    config: &Config,
+    filter: &Filter,
+    max: usize,
+    scan: u16,
+    rate: f64,
+    mut on_replayed: impl FnMut(&DeadLetter),
+) -> Result<ReplayReport, ToolError> {
+    let connection = connect(config, "dead-letters-replay").await?;
+    let result = async {
+        let publisher = Publisher::new(config.amqp.publish_timeout);
+        publisher
+            .attach(&connection)
+            .await
+            .map_err(|e| ToolError::Broker(e.to_string()))?;
+        let (channel, mut reader) = Reader::open(&connection, config, scan).await?;
+        let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let now = SystemTime::now();
+        let mut report = ReplayReport::default();
+        while report.replayed < max {
+            let Some(delivery) = reader.next().await? else {
+                break;
+            };
+            report.looked_at += 1;
+            let letter = DeadLetter::from_delivery(&delivery);
+            if !letter.matches(filter, now) {
+                continue;
+            }
+            pace.tick().await;
+            let mut properties = replay_properties(&delivery.properties);
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                "replayed-at".into(),
+                AMQPValue::LongString(LongString::from(amqp::rfc3339(SystemTime::now()))),
+            );
+            properties = properties.with_headers(headers);
+            // Straight to the work queue: it does not depend on the exchange's bindings.
+            publisher
+                .publish("", &config.amqp.queue, &delivery.data, properties)
+                .await
+                .map_err(|e| {
+                    ToolError::Broker(format!(
+                        "could not publish job {} back to '{}': {e}; it stays a dead letter",
+                        letter.id.as_deref().unwrap_or("-"),
+                        config.amqp.queue
+                    ))
+                })?;
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| {
+                    ToolError::Broker(format!(
+                        "job {} was replayed but could not be removed from the dead letters: {e}",
+                        letter.id.as_deref().unwrap_or("-")
+                    ))
+                })?;
+            report.replayed += 1;
+            on_replayed(&letter);
+        }
+        let _ = channel.close(200, "replayed".into()).await;
+        Ok(report)
+    };
+    let result = result.await;
+    let _ = connection.close(200, "bye".into()).await;
+    result
+}
+
+async fn connect(config: &Config, role: &str) -> Result<Connection, ToolError> {
+    amqp::connect(
+        config.amqp.url.expose(),
+        &config.amqp.connection_name,
+        role,
+        config.amqp.heartbeat,
+        config.amqp.connect_timeout,
+    )
+    .await
+    .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
+}
+
+/// Reads the dead letters present when it started, holding them unacked.
+struct Reader {
+    consumer: lapin::Consumer,
+    remaining: u32,
+}
+
+impl Reader {
+    async fn open(
+        connection: &Connection,
+        config: &Config,
+        scan: u16,
+    ) -> Result<(Channel, Reader), ToolError> {
+        let queue = &config.amqp.dead_letter_queue;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| ToolError::Broker(e.to_string()))?;
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                ToolError::Broker(format!(
+                    "no dead-letter queue '{queue}' (has the worker run?): {e}"
+                ))
+            })?;
+        let remaining = declared.message_count().min(u32::from(scan));
+        // Unlimited would let a huge queue flood memory; `scan` bounds what is held at once.
+        channel
+            .basic_qos(scan.max(1), BasicQosOptions { global: false })
+            .await
+            .map_err(|e| ToolError::Broker(e.to_string()))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| ToolError::Broker(e.to_string()))?;
+        Ok((
+            channel,
+            Reader {
+                consumer,
+                remaining,
+            },
+        ))
+    }
+
+    /// The next dead letter, or `None` once those present at the start were seen.
+    async fn next(&mut self) -> Result<Option<Delivery>, ToolError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        // The count was taken a moment ago; if another reader took some, don't wait for ever.
+        match tokio::time::timeout(Duration::from_secs(5), self.consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                self.remaining -= 1;
+                Ok(Some(delivery))
+            }
+            Ok(Some(Err(e))) => Err(ToolError::Broker(e.to_string())),
+            Ok(None) | Err(_) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(kind: &str, failed_at: SystemTime) -> DeadLetter {
+        DeadLetter {
+            id: Some("j".into()),
+            kind: Some(kind.into()),
+            reason: None,
+            attempts: None,
+            smtp_code: None,
+            failed_at: Some(amqp::rfc3339(failed_at)),
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn filters_by_kind_and_age() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let old = letter("rejected", now - 2 * hour);
+        let new = letter("exhausted", now - Duration::from_secs(60));
+        let kind = Filter {
+            kinds: vec!["rejected".into()],
+            ..Filter::default()
+        };
+        assert!(old.matches(&kind, now) && !new.matches(&kind, now));
+        let older = Filter {
+            older_than: Some(hour),
+            ..Filter::default()
+        };
+        assert!(old.matches(&older, now) && !new.matches(&older, now));
+        let newer = Filter {
+            newer_than: Some(hour),
+            ..Filter::default()
+        };
+        assert!(!old.matches(&newer, now) && new.matches(&newer, now));
+        assert!(old.matches(&Filter::default(), now));
+    }
+}

@@ -1,0 +1,480 @@
+//! The command-line tools, run as the real binary against the real broker: publish, dead-letters
+//! list and replay (including a replay killed half-way), health, and --help everywhere.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::broker::{Broker, Names, WAIT, amqp_url, header};
+use common::process::{WorkerProcess, free_port, run_to_end};
+use common::smtp::{Action, Cmd, Rule, SmtpServer};
+use common::worker::{RunningWorker, job, test_config};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use mail_parser::MimeHeaders as _;
+
+/// The environment that points the binary at a test's queues.
+fn env_for(names: &Names) -> Vec<(&'static str, String)> {
+    vec![
+        ("AMQP_MAILER_AMQP__URL", amqp_url()),
+        ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
+        ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
+        ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
+        (
+            "AMQP_MAILER_AMQP__RETRY_QUEUE_PREFIX",
+            names.retry_prefix.clone(),
+        ),
+        ("AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE", names.dead.clone()),
+        ("AMQP_MAILER_AMQP__QUEUE_TYPE", "classic".into()),
+    ]
+}
+
+/// Declares the test's topology by starting and stopping a worker.
+async fn declare(broker: &Broker) {
+    let worker = RunningWorker::start(broker, test_config(broker, 1)).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// A dead letter as the worker would write it.
+async fn put_dead_letter(broker: &Broker, id: &str, kind: &str, failed_at: &str) {
+    let mut headers = FieldTable::default();
+    for (key, value) in [
+        ("error-kind", kind),
+        ("last-error", "550 5.1.1 no such user (after RCPT TO)"),
+        ("failed-at", failed_at),
+        ("first-failed-at", failed_at),
+        ("tenant", "acme"),
+    ] {
+        headers.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+    headers.insert("attempt".into(), AMQPValue::LongInt(3));
+    broker
+        .publish_to_queue(
+            &broker.names.dead,
+            job(id, "ann@example.com").as_bytes(),
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_content_type("application/json".into()),
+        )
+        .await;
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_from_flags_file_and_stdin_is_delivered() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("clipublish").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let env = env_for(&broker.names);
+    let dir = std::env::temp_dir().join(format!("amqp-mailer-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let attachment = dir.join("report.csv");
+    std::fs::write(&attachment, "a,b\n1,2\n").expect("write");
+
+    let (status, stdout, stderr) = run_to_end(
+        &[
+            "publish",
+            "--to",
+            "ann@example.com",
+            "--cc",
+            "carl@example.com",
+            "--subject",
+            "Flags ✓",
+            "--text",
+            "plain",
+            "--html",
+            "<p>html</p>",
+            "--attach",
+            attachment.to_str().expect("utf-8"),
+            "--header",
+            "X-Source: cli",
+        ],
+        &env,
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    let flag_id = stdout.trim().to_string();
+    assert!(!flag_id.is_empty());
+
+    let file = dir.join("job.json");
+    std::fs::write(
+        &file,
+        r#"{"id":"from-file-1","to":"bob@example.com","subject":"File","text":"from a file"}"#,
+    )
+    .expect("write");
+    let (status, stdout, stderr) =
+        run_to_end(&["publish", "--file", file.to_str().expect("utf-8")], &env).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "from-file-1");
+
+    let stdin_job = r#"{"to":"dora@example.com","subject":"Stdin","text":"from stdin"}"#;
+    let mut child = tokio::process::Command::new(common::process::BINARY)
+        .args(["publish", "--file", "-"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(stdin_job.as_bytes())
+            .await
+            .expect("write stdin");
+    }
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("output");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdin_id = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        stdin_id.starts_with("cli-"),
+        "an id was given to the job: {stdin_id}"
+    );
+
+    let messages = smtp.wait_for_messages(3, WAIT).await;
+    let by_id: HashMap<String, _> = messages
+        .iter()
+        .map(|m| (m.header("Message-ID").expect("id"), m))
+        .collect();
+    let flagged = by_id[&format!("<{flag_id}@example.com>")];
+    assert_eq!(flagged.rcpt_to, ["ann@example.com", "carl@example.com"]);
+    let parsed = flagged.parsed();
+    assert_eq!(parsed.subject(), Some("Flags ✓"));
+    assert_eq!(flagged.header("X-Source").as_deref(), Some("cli"));
+    let csv = parsed.attachment(0).expect("attachment");
+    assert_eq!(csv.attachment_name(), Some("report.csv"));
+    assert_eq!(csv.contents(), b"a,b\n1,2\n");
+    assert!(by_id.contains_key("<from-file-1@example.com>"));
+    assert!(by_id.contains_key(&format!("<{stdin_id}@example.com>")));
+    let _ = std::fs::remove_dir_all(&dir);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
+    let broker = Broker::new("clirefuse").await;
+    let env = env_for(&broker.names);
+    // Nothing declared yet: the exchange does not exist or routes nowhere.
+    let (status, _, stderr) = run_to_end(
+        &[
+            "publish",
+            "--to",
+            "a@example.com",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("broker"), "{stderr}");
+
+    declare(&broker).await;
+    let (status, _, stderr) = run_to_end(&["publish", "--subject", "s", "--text", "t"], &env).await;
+    assert_eq!(status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("no recipients"), "{stderr}");
+    let (status, _, stderr) = run_to_end(
+        &[
+            "publish",
+            "--to",
+            "not an address",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("to[0]"), "{stderr}");
+    assert_eq!(
+        broker.ready_count(&broker.names.queue).await,
+        0,
+        "nothing published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_shows_them_filters_them_and_removes_nothing() {
+    let smtp = SmtpServer::start();
+    smtp.add_rule(
+        Rule::always(Cmd::Rcpt, Action::Reply(550, "5.1.1 no such user".into())).matching("gone@"),
+    );
+    let broker = Broker::new("clilist").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut events = worker.handles.events.subscribe();
+    broker
+        .publish(job("gone-1", "gone@example.com").as_bytes())
+        .await;
+    broker.publish(b"{ broken json").await;
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("settled")
+            .expect("event");
+    }
+    worker.stop().await.expect("clean stop");
+    put_dead_letter(&broker, "old-1", "exhausted", "2020-01-01T00:00:00.000Z").await;
+    let env = env_for(&broker.names);
+
+    let (status, stdout, stderr) = run_to_end(&["dead-letters", "list"], &env).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.starts_with("ID"), "a table: {stdout}");
+    assert_eq!(stdout.lines().count(), 4, "header and three rows: {stdout}");
+    assert!(
+        stdout.contains("gone-1") && stdout.contains("rejected") && stdout.contains("550"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("invalid") && stdout.contains("not a valid JSON job"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("old-1") && stdout.contains("exhausted"),
+        "{stdout}"
+    );
+
+    let rows = |stdout: &str| stdout.lines().skip(1).count();
+    let (_, stdout, _) = run_to_end(&["dead-letters", "list", "--kind", "rejected"], &env).await;
+    assert_eq!(rows(&stdout), 1, "{stdout}");
+    let (_, stdout, _) = run_to_end(&["dead-letters", "list", "--older-than", "1h"], &env).await;
+    assert_eq!(rows(&stdout), 1, "{stdout}");
+    assert!(stdout.contains("old-1"), "{stdout}");
+    let (_, stdout, _) = run_to_end(&["dead-letters", "list", "--newer-than", "1h"], &env).await;
+    assert_eq!(rows(&stdout), 2, "{stdout}");
+
+    let (status, stdout, stderr) = run_to_end(&["dead-letters", "list", "--json"], &env).await;
+    assert!(status.success(), "{stderr}");
+    let letters: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(letters.len(), 3);
+    let gone = letters
+        .iter()
+        .find(|l| l["id"] == "gone-1")
+        .expect("gone-1");
+    assert_eq!(gone["kind"], "rejected");
+    assert_eq!(gone["attempts"], "1");
+    assert_eq!(gone["smtp_code"], "550");
+
+    // Listing five times removed nothing and kept the order.
+    let listed_kinds: Vec<String> = letters
+        .iter()
+        .map(|l| l["kind"].as_str().expect("kind").to_string())
+        .collect();
+    let mut reader = broker.reader(&broker.names.dead).await;
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(header(&reader.next(WAIT).await, "error-kind").expect("kind"));
+    }
+    reader.expect_nothing(Duration::from_millis(300)).await;
+    assert_eq!(kinds, listed_kinds);
+    kinds.sort();
+    assert_eq!(kinds, ["exhausted", "invalid", "rejected"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_moves_matching_dead_letters_back_with_a_fresh_attempt_count() {
+    let broker = Broker::new("clireplay").await;
+    declare(&broker).await;
+    let now = now_rfc3339();
+    put_dead_letter(&broker, "r-1", "exhausted", &now).await;
+    put_dead_letter(&broker, "r-2", "rejected", &now).await;
+    put_dead_letter(&broker, "r-3", "exhausted", &now).await;
+    let env = env_for(&broker.names);
+
+    let (status, stdout, stderr) = run_to_end(
+        &["dead-letters", "replay", "--kind", "exhausted", "--dry-run"],
+        &env,
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("2 would be replayed"), "{stderr}");
+    assert_eq!(
+        broker.ready_count(&broker.names.dead).await,
+        3,
+        "a dry run moves nothing: {stdout}"
+    );
+
+    let (status, stdout, stderr) =
+        run_to_end(&["dead-letters", "replay", "--kind", "exhausted"], &env).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["replayed r-1", "replayed r-3"]
+    );
+
+    let mut work = broker.reader(&broker.names.queue).await;
+    for id in ["r-1", "r-3"] {
+        let replayed = work.next(WAIT).await;
+        assert_eq!(
+            replayed.data,
+            job(id, "ann@example.com").as_bytes(),
+            "body byte for byte"
+        );
+        assert!(
+            header(&replayed, "attempt").is_none(),
+            "fresh attempt count"
+        );
+        assert!(header(&replayed, "error-kind").is_none());
+        assert!(header(&replayed, "replayed-at").is_some());
+        assert_eq!(
+            header(&replayed, "tenant").as_deref(),
+            Some("acme"),
+            "producer headers kept"
+        );
+        assert_eq!(replayed.properties.delivery_mode(), &Some(2));
+    }
+    work.expect_nothing(Duration::from_millis(300)).await;
+    let mut dead = broker.reader(&broker.names.dead).await;
+    let left = dead.next(WAIT).await;
+    assert_eq!(
+        header(&left, "error-kind").as_deref(),
+        Some("rejected"),
+        "the other stays"
+    );
+    dead.expect_nothing(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_killed_half_way_loses_nothing_and_duplicates_nothing() {
+    let broker = Broker::new("clikill").await;
+    declare(&broker).await;
+    let now = now_rfc3339();
+    for i in 0..100 {
+        put_dead_letter(&broker, &format!("k-{i}"), "exhausted", &now).await;
+    }
+    let mut replay = WorkerProcess::start(
+        &["dead-letters", "replay", "--rate", "40"],
+        &env_for(&broker.names),
+    );
+    // stdout carries one "replayed <id>" line per job; the log helper reads stderr, so wait on
+    // the broker instead: the work queue fills as jobs are moved.
+    let mut work = broker.reader(&broker.names.queue).await;
+    let mut in_work = Vec::new();
+    for _ in 0..30 {
+        in_work.push(work.next(WAIT).await.data);
+    }
+    replay.signal("KILL");
+    replay.wait_exit(WAIT).await;
+    // Whatever else made it to the work queue before the kill, and what is left dead.
+    in_work.extend(
+        work.drain(Duration::from_millis(500))
+            .await
+            .into_iter()
+            .map(|d| d.data),
+    );
+    let mut dead = broker.reader(&broker.names.dead).await;
+    let in_dead: Vec<_> = dead
+        .drain(Duration::from_millis(500))
+        .await
+        .into_iter()
+        .map(|d| d.data)
+        .collect();
+    let mut work_sorted = in_work.clone();
+    work_sorted.sort();
+    work_sorted.dedup();
+    assert_eq!(
+        work_sorted.len(),
+        in_work.len(),
+        "no job twice in the work queue"
+    );
+    let mut all: Vec<_> = in_work.iter().chain(&in_dead).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        100,
+        "every dead letter is somewhere: {} in work, {} dead",
+        in_work.len(),
+        in_dead.len()
+    );
+    assert!(
+        in_work.len() + in_dead.len() <= 101,
+        "at most the one job in flight at the kill is in both queues ({} + {})",
+        in_work.len(),
+        in_dead.len()
+    );
+    assert!(
+        in_work.len() >= 30 && !in_dead.is_empty(),
+        "the kill came half-way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_ready_not_ready_and_missing_address() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("clihealth").await;
+    let port = free_port();
+    let mut config = test_config(&broker, smtp.port());
+    config.http.listen = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    let worker = RunningWorker::start(&broker, config).await;
+    let addr = format!("127.0.0.1:{port}");
+    let (status, stdout, stderr) = run_to_end(&["health", "--addr", &addr], &[]).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "ready");
+    let (status, stdout, _) = run_to_end(
+        &["health"],
+        &[("AMQP_MAILER_HTTP__LISTEN", format!("0.0.0.0:{port}"))],
+    )
+    .await;
+    assert!(
+        status.success(),
+        "http.listen on 0.0.0.0 is reached on loopback"
+    );
+    assert_eq!(stdout.trim(), "ready");
+    worker.stop().await.expect("clean stop");
+
+    let (status, _, stderr) = run_to_end(&["health", "--addr", &addr], &[]).await;
+    assert_eq!(status.code(), Some(1), "nothing listens any more: {stderr}");
+    assert!(stderr.contains("not ready"), "{stderr}");
+    let (status, _, stderr) = run_to_end(&["health"], &[]).await;
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("http.listen"), "{stderr}");
+}
+
+#[tokio::test]
+async fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["publish", "--help"],
+        vec!["dead-letters", "--help"],
+        vec!["dead-letters", "list", "--help"],
+        vec!["dead-letters", "replay", "--help"],
+        vec!["config", "--help"],
+        vec!["health", "--help"],
+    ] {
+        let (status, stdout, stderr) = run_to_end(&args, &[]).await;
+        assert!(status.success(), "{args:?}: {stderr}");
+        assert!(stdout.contains("Usage: amqp-mailer"), "{args:?}: {stdout}");
+    }
+    let (status, stdout, _) = run_to_end(&["publish", "--help"], &[]).await;
+    assert!(status.success());
+    for flag in [
+        "--to",
+        "--subject",
+        "--text",
+        "--html",
+        "--attach",
+        "--file",
+    ] {
+        assert!(stdout.contains(flag), "publish --help mentions {flag}");
+    }
+}
