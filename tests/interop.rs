@@ -1,0 +1,533 @@
+//! Interop: the worker against an SMTP server the project did not write, aiosmtpd (Python),
+//! installed by `bash .ci/install-test-tools`. End to end: jobs are published to the real
+//! broker, the worker sends them, and what aiosmtpd recorded is checked, TLS and AUTH included.
+//! Certificates come from a throwaway CA made at test time; the worker trusts it only through
+//! `smtp.ca_file`.
+//!
+//! Without the venv the tests fail with a message saying how to install it; they never skip.
+
+mod common;
+/// Helpers of this file only: tests/interop/.
+mod interop {
+    pub mod aiosmtpd;
+    pub mod pki;
+}
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use amqp_mailer::config::{AuthMechanism, Config, Secret, TlsMode};
+use amqp_mailer::pipeline::{JobEvent, JobOutcome};
+use amqp_mailer::policy::ErrorKind;
+use common::broker::{Broker, header};
+use common::process::free_port;
+use common::worker::{RunningWorker, job, retry_queues, test_config};
+use interop::aiosmtpd::{Aiosmtpd, Recorded, RelayOptions, RelayTls};
+use interop::pki::{Pki, TempDir};
+use tokio::sync::broadcast;
+
+const USER: &str = "mailer@relay.test";
+const PASSWORD: &str = "s3cret pass:word";
+
+/// Bound on every wait for a job to settle.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// The worker's configuration for a relay on `localhost` (the name in the test certificate).
+fn relay_config(broker: &Broker, relay: &Aiosmtpd, tls: TlsMode) -> Config {
+    let mut config = test_config(broker, relay.port());
+    config.smtp.host = "localhost".into();
+    config.smtp.tls = tls;
+    config
+}
+
+fn with_auth(config: &mut Config, password: &str, mechanisms: &[AuthMechanism]) {
+    config.smtp.username = Some(USER.into());
+    config.smtp.password = Some(Secret::new(password));
+    config.smtp.auth_mechanisms = mechanisms.to_vec();
+}
+
+/// A failing job waits in its retry queue (long delay) so that the test can read it there.
+fn retry_once_and_wait_long(config: &mut Config) {
+    config.retry.initial_delay = Duration::from_secs(60);
+    config.retry.max_delay = Duration::from_secs(60);
+    config.retry.max_attempts = 2;
+}
+
+/// Waits for the event of `job_id`; panics on timeout with what was seen.
+async fn settled(rx: &mut broadcast::Receiver<JobEvent>, job_id: &str) -> JobEvent {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(event)) if event.job_id.as_deref() == Some(job_id) => return event,
+            Ok(Ok(event)) => seen.push(event),
+            Ok(Err(e)) => panic!("event stream broke: {e}"),
+            Err(_) => panic!("job {job_id} not settled within {SETTLE:?}; other events: {seen:?}"),
+        }
+    }
+}
+
+/// Publishes `id` and waits until it is delivered; returns what the relay recorded for it.
+async fn deliver(
+    broker: &Broker,
+    worker: &RunningWorker,
+    relay: &Aiosmtpd,
+    id: &str,
+    body: &str,
+) -> Recorded {
+    let mut events = worker.handles.events.subscribe();
+    broker.publish(body.as_bytes()).await;
+    let event = settled(&mut events, id).await;
+    assert_eq!(
+        event.outcome,
+        JobOutcome::Delivered,
+        "{id} was not delivered; relay log:\n{}",
+        relay.log()
+    );
+    let message_id = format!("<{id}@example.com>");
+    let mut found: Vec<Recorded> = relay
+        .messages()
+        .into_iter()
+        .filter(|m| m.header("Message-ID").as_deref() == Some(message_id.as_str()))
+        .collect();
+    assert_eq!(found.len(), 1, "{id} recorded once by aiosmtpd");
+    found.remove(0)
+}
+
+/// Publishes `id`, expects it retried (not delivered, not dead-lettered), and returns the
+/// retried job as it waits in the retry queue: `(error-kind, last-error, smtp-code)`.
+async fn expect_retried(
+    broker: &Broker,
+    worker: &RunningWorker,
+    config: &Config,
+    relay: &Aiosmtpd,
+    id: &str,
+) -> (String, String, Option<String>) {
+    let queue = retry_queues(config)
+        .into_iter()
+        .next()
+        .expect("a retry queue");
+    let mut events = worker.handles.events.subscribe();
+    broker.publish(job(id, "ann@example.com").as_bytes()).await;
+    let event = settled(&mut events, id).await;
+    assert_eq!(
+        (event.outcome, event.attempt),
+        (JobOutcome::Retried, 1),
+        "{id} should be retried after attempt 1; relay log:\n{}",
+        relay.log()
+    );
+    let retried = broker.reader(&queue).await.next(SETTLE).await;
+    assert_eq!(header(&retried, "attempt").as_deref(), Some("1"));
+    assert!(
+        relay.messages().is_empty(),
+        "nothing delivered: {:?}",
+        relay.messages()
+    );
+    assert_eq!(
+        broker.ready_count(&broker.names.dead).await,
+        0,
+        "no dead letter"
+    );
+    (
+        header(&retried, "error-kind").expect("error-kind header"),
+        header(&retried, "last-error").expect("last-error header"),
+        header(&retried, "smtp-code"),
+    )
+}
+
+fn assert_tls(message: &Recorded) {
+    assert!(message.tls, "the session was TLS: {message:?}");
+    let version = message.tls_version.as_deref().unwrap_or_default();
+    assert!(
+        version == "TLSv1.2" || version == "TLSv1.3",
+        "a modern TLS version, not {version:?}"
+    );
+}
+
+fn assert_authenticated(message: &Recorded, mechanism: &str) {
+    assert!(message.authenticated, "authenticated: {message:?}");
+    assert_eq!(message.auth_user.as_deref(), Some(USER));
+    assert_eq!(message.auth_mechanism.as_deref(), Some(mechanism));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_required_with_auth_plain_delivers_through_aiosmtpd() {
+    let dir = TempDir::new("starttls-plain");
+    let pki = Pki::generate(dir.path(), "private");
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::Starttls,
+            pki: Some(&pki),
+            auth: Some((USER, PASSWORD)),
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-starttls-plain").await;
+    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    // The default preference: PLAIN first, LOGIN second.
+    with_auth(
+        &mut config,
+        PASSWORD,
+        &[AuthMechanism::Plain, AuthMechanism::Login],
+    );
+    let worker = RunningWorker::start(&broker, config).await;
+
+    let body = serde_json::json!({
+        "id": "interop-starttls-1",
+        "to": "Ann Example <ann@example.com>",
+        "cc": "carl@example.com",
+        "bcc": "audit@example.net",
+        "subject": "Grüße über STARTTLS",
+        "text": "Hello Ann,\n.a line with a leading dot\nbye",
+        "headers": {"X-Campaign": "interop"},
+    })
+    .to_string();
+    let message = deliver(&broker, &worker, &relay, "interop-starttls-1", &body).await;
+    assert_eq!(message.mail_from, "sender@example.com");
+    assert_eq!(
+        message.rcpt_tos,
+        ["ann@example.com", "carl@example.com", "audit@example.net"]
+    );
+    assert_eq!(message.ehlo.as_deref(), Some("worker.test"));
+    assert_tls(&message);
+    assert_authenticated(&message, "PLAIN");
+    let parsed = message.parsed();
+    assert_eq!(parsed.subject(), Some("Grüße über STARTTLS"));
+    assert_eq!(message.header("X-Campaign").as_deref(), Some("interop"));
+    assert!(
+        message
+            .header("To")
+            .unwrap_or_default()
+            .contains("ann@example.com"),
+        "To header: {:?}",
+        message.header("To")
+    );
+    assert!(message.header("Bcc").is_none(), "no Bcc header");
+    assert_eq!(
+        parsed
+            .body_text(0)
+            .map(|t| t.trim_end().replace("\r\n", "\n"))
+            .as_deref(),
+        Some("Hello Ann,\n.a line with a leading dot\nbye"),
+        "dot-stuffing undone by aiosmtpd"
+    );
+
+    // A second job reuses the pooled, authenticated TLS session: no second AUTH.
+    let second = deliver(
+        &broker,
+        &worker,
+        &relay,
+        "interop-starttls-2",
+        &job("interop-starttls-2", "bob@example.com"),
+    )
+    .await;
+    assert_tls(&second);
+    assert_authenticated(&second, "PLAIN");
+    let attempts = relay.auth_attempts();
+    assert_eq!(attempts.len(), 1, "one AUTH for both: {attempts:?}");
+    assert!(attempts[0].success && attempts[0].tls, "{attempts:?}");
+
+    worker.stop().await.expect("clean stop");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_required_with_auth_login_only() {
+    let dir = TempDir::new("starttls-login");
+    let pki = Pki::generate(dir.path(), "private");
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::Starttls,
+            pki: Some(&pki),
+            auth: Some((USER, PASSWORD)),
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-login").await;
+    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    with_auth(&mut config, PASSWORD, &[AuthMechanism::Login]);
+    let worker = RunningWorker::start(&broker, config).await;
+
+    let message = deliver(
+        &broker,
+        &worker,
+        &relay,
+        "interop-login-1",
+        &job("interop-login-1", "ann@example.com"),
+    )
+    .await;
+    assert_eq!(message.rcpt_tos, ["ann@example.com"]);
+    assert_eq!(message.parsed().subject(), Some("Job interop-login-1"));
+    assert_tls(&message);
+    assert_authenticated(&message, "LOGIN");
+
+    worker.stop().await.expect("clean stop");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implicit_tls_with_auth_delivers() {
+    let dir = TempDir::new("implicit");
+    let pki = Pki::generate(dir.path(), "private");
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::Implicit,
+            pki: Some(&pki),
+            auth: Some((USER, PASSWORD)),
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-implicit").await;
+    let mut config = relay_config(&broker, &relay, TlsMode::Tls);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    with_auth(
+        &mut config,
+        PASSWORD,
+        &[AuthMechanism::Plain, AuthMechanism::Login],
+    );
+    let worker = RunningWorker::start(&broker, config).await;
+
+    let message = deliver(
+        &broker,
+        &worker,
+        &relay,
+        "interop-implicit-1",
+        &job("interop-implicit-1", "ann@example.com"),
+    )
+    .await;
+    assert_eq!(message.mail_from, "sender@example.com");
+    assert_eq!(message.rcpt_tos, ["ann@example.com"]);
+    assert_eq!(
+        message.header("Subject").as_deref(),
+        Some("Job interop-implicit-1")
+    );
+    assert_tls(&message);
+    assert_authenticated(&message, "PLAIN");
+
+    worker.stop().await.expect("clean stop");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_uses_starttls_when_offered_and_plain_when_not() {
+    let dir = TempDir::new("opportunistic");
+    let pki = Pki::generate(dir.path(), "private");
+
+    // A relay without TLS: delivered in plain.
+    let plain = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::None,
+            pki: None,
+            auth: None,
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-opportunistic-plain").await;
+    let mut config = relay_config(&broker, &plain, TlsMode::Opportunistic);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    let worker = RunningWorker::start(&broker, config).await;
+    let message = deliver(
+        &broker,
+        &worker,
+        &plain,
+        "interop-opp-plain",
+        &job("interop-opp-plain", "ann@example.com"),
+    )
+    .await;
+    assert!(!message.tls, "no TLS offered, so plain: {message:?}");
+    assert!(!message.authenticated);
+    assert_eq!(message.rcpt_tos, ["ann@example.com"]);
+    worker.stop().await.expect("clean stop");
+    plain.stop().await;
+
+    // A relay offering STARTTLS: the same mode upgrades, with the certificate verified.
+    let tls = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::Starttls,
+            pki: Some(&pki),
+            auth: None,
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-opportunistic-tls").await;
+    let mut config = relay_config(&broker, &tls, TlsMode::Opportunistic);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    let worker = RunningWorker::start(&broker, config).await;
+    let message = deliver(
+        &broker,
+        &worker,
+        &tls,
+        "interop-opp-tls",
+        &job("interop-opp-tls", "bob@example.com"),
+    )
+    .await;
+    assert_tls(&message);
+    worker.stop().await.expect("clean stop");
+    tls.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_required_against_a_relay_without_it_is_retried_and_sends_no_password() {
+    let dir = TempDir::new("no-starttls");
+    let pki = Pki::generate(dir.path(), "private");
+    // The relay would take AUTH in plain: the worker must not offer the password there.
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::None,
+            pki: None,
+            auth: Some((USER, PASSWORD)),
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-no-starttls").await;
+    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    with_auth(
+        &mut config,
+        PASSWORD,
+        &[AuthMechanism::Plain, AuthMechanism::Login],
+    );
+    retry_once_and_wait_long(&mut config);
+    let worker = RunningWorker::start(&broker, config.clone()).await;
+
+    let (kind, error, code) =
+        expect_retried(&broker, &worker, &config, &relay, "interop-no-starttls").await;
+    assert_eq!(kind, ErrorKind::Transient.as_str());
+    assert!(
+        error.contains("does not offer STARTTLS") && error.contains("during TLS setup"),
+        "{error}"
+    );
+    assert_eq!(code, None);
+    assert!(
+        relay.auth_attempts().is_empty(),
+        "no AUTH over plain text: {:?}",
+        relay.auth_attempts()
+    );
+
+    worker.stop().await.expect("clean stop");
+    relay.stop().await;
+}
+
+/// A relay whose certificate is signed by a CA the worker was not given: a transient TLS
+/// failure, for STARTTLS (lettre's TLS setup) and implicit TLS (our own rustls config) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_an_unknown_ca_is_refused_and_retried() {
+    let dir = TempDir::new("unknown-ca");
+    let relay_pki = Pki::generate(dir.path(), "relay");
+    let other_pki = Pki::generate(dir.path(), "other");
+    for (tls, relay_tls, ca_file) in [
+        // Only the default roots.
+        (TlsMode::Starttls, RelayTls::Starttls, None),
+        (TlsMode::Tls, RelayTls::Implicit, None),
+        // A CA file, but of another CA.
+        (
+            TlsMode::Starttls,
+            RelayTls::Starttls,
+            Some(other_pki.ca_file.clone()),
+        ),
+        (
+            TlsMode::Tls,
+            RelayTls::Implicit,
+            Some(other_pki.ca_file.clone()),
+        ),
+    ] {
+        let case = format!("{tls:?} with ca_file {ca_file:?}");
+        let relay = Aiosmtpd::start(
+            dir.path(),
+            RelayOptions {
+                tls: relay_tls,
+                pki: Some(&relay_pki),
+                auth: Some((USER, PASSWORD)),
+            },
+        )
+        .await;
+        let broker = Broker::new("interop-unknown-ca").await;
+        let mut config = relay_config(&broker, &relay, tls);
+        config.smtp.ca_file = ca_file;
+        with_auth(
+            &mut config,
+            PASSWORD,
+            &[AuthMechanism::Plain, AuthMechanism::Login],
+        );
+        retry_once_and_wait_long(&mut config);
+        let worker = RunningWorker::start(&broker, config.clone()).await;
+
+        let (kind, error, code) =
+            expect_retried(&broker, &worker, &config, &relay, "interop-unknown-ca").await;
+        assert_eq!(kind, ErrorKind::Transient.as_str(), "{case}");
+        assert!(
+            error.contains("certificate") && error.contains("UnknownIssuer"),
+            "{case}: {error}"
+        );
+        assert!(error.contains("during TLS setup"), "{case}: {error}");
+        assert_eq!(code, None, "{case}");
+        assert!(
+            relay.auth_attempts().is_empty(),
+            "{case}: no password to an unverified relay: {:?}",
+            relay.auth_attempts()
+        );
+
+        worker.stop().await.expect("clean stop");
+        relay.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_retried_and_reported_not_ready() {
+    let dir = TempDir::new("wrong-password");
+    let pki = Pki::generate(dir.path(), "private");
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::Starttls,
+            pki: Some(&pki),
+            auth: Some((USER, PASSWORD)),
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-wrong-password").await;
+    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    with_auth(&mut config, "not the password", &[AuthMechanism::Login]);
+    retry_once_and_wait_long(&mut config);
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
+    config.http.listen = Some(http);
+    let worker = RunningWorker::start(&broker, config.clone()).await;
+    assert_eq!(
+        amqp_mailer::http::check(http, "/readyz").await.as_deref(),
+        Ok("ready")
+    );
+
+    let (kind, error, code) =
+        expect_retried(&broker, &worker, &config, &relay, "interop-wrong-password").await;
+    assert_eq!(kind, ErrorKind::Transient.as_str(), "retried, not rejected");
+    assert_eq!(code.as_deref(), Some("535"));
+    assert!(
+        error.contains("535") && error.contains("during AUTH"),
+        "{error}"
+    );
+    let attempts = relay.auth_attempts();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].mechanism, "LOGIN");
+    assert_eq!(attempts[0].user.as_deref(), Some(USER));
+    assert!(!attempts[0].success && attempts[0].tls, "{attempts:?}");
+
+    let readiness = amqp_mailer::http::check(http, "/readyz").await;
+    assert!(
+        matches!(&readiness, Err(e) if e.starts_with("503") && e.contains("relay authentication failing")),
+        "{readiness:?}"
+    );
+
+    worker.stop().await.expect("clean stop");
+    relay.stop().await;
+}

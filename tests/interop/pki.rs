@@ -1,0 +1,87 @@
+//! A throwaway test CA and a server certificate it signs, made at test time with rcgen.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A directory under the target's temp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "interop-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the test's temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// PEM files: a CA certificate, and a certificate and key for `localhost` and 127.0.0.1 that it
+/// signed.
+pub struct Pki {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl Pki {
+    /// Makes a new CA named after `label` and a server certificate, written into `dir`.
+    pub fn generate(dir: &Path, label: &str) -> Self {
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            format!("amqp-mailer interop test CA {label}"),
+        );
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).expect("self-sign the CA");
+        let issuer = Issuer::new(ca, ca_key);
+
+        let server_key = KeyPair::generate().expect("server key");
+        let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
+            .expect("server params");
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        server.use_authority_key_identifier_extension = true;
+        let server_cert = server
+            .signed_by(&server_key, &issuer)
+            .expect("sign the server certificate");
+
+        let pki = Self {
+            ca_file: dir.join(format!("{label}-ca.pem")),
+            cert_file: dir.join(format!("{label}-server.pem")),
+            key_file: dir.join(format!("{label}-server-key.pem")),
+        };
+        std::fs::write(&pki.ca_file, ca_cert.pem()).expect("write the CA");
+        std::fs::write(&pki.cert_file, server_cert.pem()).expect("write the server certificate");
+        std::fs::write(&pki.key_file, server_key.serialize_pem()).expect("write the server key");
+        pki
+    }
+}
