@@ -1,0 +1,199 @@
+//! The README's producer examples (examples/producers/), run with real Python/pika, Node/amqplib,
+//! PHP/php-amqplib and the shell against the real broker and worker. Their runtimes come from
+//! `bash .ci/install-test-tools`; a missing one fails the test, saying so.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::broker::{Broker, WAIT, amqp_url};
+use common::smtp::SmtpServer;
+use common::worker::{RunningWorker, test_config};
+use mail_parser::MimeHeaders as _;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require(path: &Path, what: &str) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{what} is missing at {}: run `bash .ci/install-test-tools` first",
+        path.display()
+    );
+    path.to_path_buf()
+}
+
+/// Runs a producer example against the test's queues; returns what it printed.
+async fn run_example(
+    broker: &Broker,
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> String {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(root())
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_EXCHANGE", &broker.names.exchange)
+        .env("AMQP_ROUTING_KEY", &broker.names.routing_key)
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .expect("the example finished in time")
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed: {}{}",
+        program.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// The one message the example's job produced, with the Message-ID its id gives.
+async fn delivered(smtp: &SmtpServer, id: &str) -> common::smtp::ReceivedMessage {
+    let messages = smtp.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages.len(), 1);
+    let message = messages[0].clone();
+    assert_eq!(
+        message.header("Message-ID"),
+        Some(format!("<{id}@example.com>"))
+    );
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_pika_example_is_delivered() {
+    let python = require(
+        &root().join("target/test-tools/venv/bin/python"),
+        "the Python venv with pika",
+    );
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("pypika").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let id = run_example(&broker, &python, &["examples/producers/publish.py"], &[]).await;
+    assert_eq!(id, "welcome-42");
+    let message = delivered(&smtp, &id).await;
+    assert_eq!(message.rcpt_to, ["ann@example.com"]);
+    let parsed = message.parsed();
+    assert_eq!(parsed.subject(), Some("Welcome, Ann"));
+    assert!(
+        parsed
+            .body_html(0)
+            .is_some_and(|h| h.contains("thanks for signing up"))
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_amqplib_example_is_delivered() {
+    let modules = require(
+        &root().join("target/test-tools/node/node_modules/amqplib"),
+        "Node's amqplib",
+    );
+    let node = which("node").expect("node is on the machine (Node.js)");
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("nodeamqp").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let node_path = modules
+        .parent()
+        .expect("node_modules")
+        .to_string_lossy()
+        .into_owned();
+    let id = run_example(
+        &broker,
+        &node,
+        &["examples/producers/publish.js"],
+        &[("NODE_PATH", node_path)],
+    )
+    .await;
+    assert_eq!(id, "invoice-1001");
+    let message = delivered(&smtp, &id).await;
+    let parsed = message.parsed();
+    assert_eq!(parsed.subject(), Some("Invoice 1001"));
+    let attachment = parsed.attachment(0).expect("attachment");
+    assert_eq!(attachment.attachment_name(), Some("invoice.txt"));
+    assert_eq!(attachment.contents(), b"Total: 42 EUR\n");
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn php_amqplib_example_is_delivered() {
+    let autoload = require(
+        Path::new("/usr/share/php/PhpAmqpLib/autoload.php"),
+        "Debian's php-amqplib",
+    );
+    let php = which("php").expect("php is installed by .ci/install-test-tools");
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("phpamqp").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let id = run_example(
+        &broker,
+        &php,
+        &["examples/producers/publish.php"],
+        &[("AMQPLIB_AUTOLOAD", autoload.to_string_lossy().into_owned())],
+    )
+    .await;
+    assert_eq!(id, "reset-77");
+    let message = delivered(&smtp, &id).await;
+    assert_eq!(message.rcpt_to, ["bob@example.com"]);
+    assert_eq!(message.parsed().subject(), Some("Reset your password"));
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_example_is_delivered() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("shell").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let binary_dir = Path::new(common::process::BINARY).parent().expect("dir");
+    let path = format!(
+        "{}:{}",
+        binary_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let names = &broker.names;
+    let id = run_example(
+        &broker,
+        Path::new("/bin/sh"),
+        &["examples/producers/publish.sh"],
+        &[
+            ("PATH", path),
+            ("AMQP_MAILER_AMQP__URL", amqp_url()),
+            ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
+            ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
+        ],
+    )
+    .await;
+    let message = delivered(&smtp, &id).await;
+    assert_eq!(message.parsed().subject(), Some("Nightly backup finished"));
+    assert_eq!(message.header("X-Source").as_deref(), Some("backup.sh"));
+    worker.stop().await.expect("clean stop");
+}
+
+#[test]
+fn readme_shows_the_examples_exactly_as_tested() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    for file in ["publish.py", "publish.js", "publish.php", "publish.sh"] {
+        let text =
+            std::fs::read_to_string(root().join("examples/producers").join(file)).expect(file);
+        assert!(
+            readme.contains(&text),
+            "README.md must show examples/producers/{file} verbatim"
+        );
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
