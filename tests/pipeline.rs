@@ -540,3 +540,88 @@ async fn quorum_topology_delivers_and_retries_and_redeclares_idempotently() {
     let worker = RunningWorker::start(&broker, config).await;
     worker.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_envelope_with_one_refused_recipient_sends_no_message_and_drops_the_session() {
+    let smtp = SmtpServer::start();
+    smtp.add_rule(
+        Rule::always(Cmd::Rcpt, Action::Reply(550, "5.1.1 no such user".into())).matching("gone@"),
+    );
+    let broker = Broker::new("pipelined").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut dead = broker.reader(&broker.names.dead).await;
+    let body = serde_json::json!({
+        "id": "half-1", "to": ["ok@example.com", "gone@example.com"], "subject": "s", "text": "t"
+    })
+    .to_string();
+    broker.publish(body.as_bytes()).await;
+    let letter = dead.next(WAIT).await;
+    assert_eq!(header(&letter, "error-kind").as_deref(), Some("rejected"));
+    assert!(header(&letter, "last-error").is_some_and(|e| e.contains("gone@example.com")));
+    // The relay took DATA for the other recipient: the session was dropped mid-data, so the
+    // relay has no message, and the next job goes through a fresh session.
+    smtp.wait_for(WAIT, "the dropped session to close", |s| {
+        s.open_sessions == 0
+    })
+    .await;
+    broker
+        .publish(job("after-half", "ok@example.com").as_bytes())
+        .await;
+    let messages = smtp.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages.len(), 1, "no empty message for half-1");
+    assert_eq!(
+        messages[0].header("Message-ID").as_deref(),
+        Some("<after-half@example.com>")
+    );
+    assert_eq!(smtp.sessions_total(), 2);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pipelining_commands_go_one_at_a_time_and_stop_at_a_refusal() {
+    let smtp = SmtpServer::start();
+    // An EHLO reply without PIPELINING.
+    smtp.add_rule(Rule::always(
+        Cmd::Ehlo,
+        Action::Reply(250, "relay.test\n8BITMIME".into()),
+    ));
+    smtp.add_rule(
+        Rule::always(Cmd::Rcpt, Action::Reply(550, "5.1.1 no such user".into())).matching("gone@"),
+    );
+    let broker = Broker::new("nopipelining").await;
+    let mut config = test_config(&broker, smtp.port());
+    // One job at a time, so that both share one session.
+    config.worker.concurrency = 1;
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    broker
+        .publish(job("seq-1", "gone@example.com").as_bytes())
+        .await;
+    broker
+        .publish(job("seq-2", "ok@example.com").as_bytes())
+        .await;
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("settled")
+            .expect("event");
+    }
+    let messages = smtp.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(
+        messages[0].header("Message-ID").as_deref(),
+        Some("<seq-2@example.com>")
+    );
+    assert_eq!(
+        count_commands(&smtp, "DATA"),
+        1,
+        "no DATA after the refused RCPT"
+    );
+    assert_eq!(
+        count_commands(&smtp, "RSET"),
+        1,
+        "the session was reset and kept"
+    );
+    assert_eq!(smtp.sessions_total(), 1);
+    worker.stop().await.expect("clean stop");
+}

@@ -14,6 +14,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
 };
+use lettre::transport::smtp::commands::Ehlo;
 use lettre::transport::smtp::extension::ClientId;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -166,11 +167,12 @@ impl Connector {
         format!("{} ({tls}, {auth})", self.endpoint())
     }
 
-    /// Opens a session ready for MAIL FROM. `stage` follows the progress, for errors.
+    /// Opens a session ready for MAIL FROM, and says whether the relay offers PIPELINING.
+    /// `stage` follows the progress, for errors.
     pub(crate) async fn connect(
         &self,
         stage: &super::StageCell,
-    ) -> Result<AsyncSmtpConnection, SendError> {
+    ) -> Result<(AsyncSmtpConnection, bool), SendError> {
         stage.set(Stage::Connect);
         let tcp = match tokio::time::timeout(
             self.connect_timeout,
@@ -244,6 +246,18 @@ impl Connector {
             }
         }
 
+        // lettre keeps only the extensions it knows from EHLO, and PIPELINING is not one of them:
+        // ask again and read the list ourselves. One round trip per session, two saved per message.
+        let pipelining = match conn.command(Ehlo::new(self.hello.clone())).await {
+            Ok(reply) => reply
+                .message()
+                .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING")),
+            Err(e) => {
+                conn.abort().await;
+                return Err(super::classify(&e, Stage::Greeting));
+            }
+        };
+
         if let Some(credentials) = &self.credentials {
             stage.set(Stage::Auth);
             if let Err(e) = conn.auth(&self.mechanisms, credentials).await {
@@ -251,7 +265,7 @@ impl Connector {
                 return Err(super::classify(&e, Stage::Auth));
             }
         }
-        Ok(conn)
+        Ok((conn, pipelining))
     }
 }
 

@@ -11,7 +11,7 @@
 
 mod connect;
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -193,16 +194,23 @@ fn error_text(error: &lettre::transport::smtp::Error) -> String {
 /// A pooled SMTP session. Holds one of the relay's session permits while it lives.
 struct Session {
     conn: AsyncSmtpConnection,
+    /// The relay offered PIPELINING.
+    pipelining: bool,
     last_used: Instant,
     gauge: Gauge,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Session {
-    fn new(conn: AsyncSmtpConnection, permit: OwnedSemaphorePermit, gauge: Gauge) -> Self {
+    fn new(
+        (conn, pipelining): (AsyncSmtpConnection, bool),
+        permit: OwnedSemaphorePermit,
+        gauge: Gauge,
+    ) -> Self {
         gauge.inc();
         Self {
             conn,
+            pipelining,
             last_used: Instant::now(),
             gauge,
             _permit: permit,
@@ -329,7 +337,7 @@ impl Relay {
                 return Err(abandoned(stage.get()));
             }
             let (mut session, reused) = self.checkout(stage, fresh_only).await?;
-            match transaction(&mut session.conn, out, stage, abandon).await {
+            match transaction(&mut session.conn, session.pipelining, out, stage, abandon).await {
                 Ok(accepted) => {
                     session.last_used = Instant::now();
                     self.checkin(session);
@@ -437,19 +445,109 @@ struct TransactionFailure {
     session_reusable: bool,
 }
 
-/// MAIL, RCPT for each recipient, DATA, the message. On a negative reply, RSET to keep the session.
+/// A group of commands written at once (RFC 2920 pipelining); lettre writes it as one command.
+struct Pipelined(String);
+
+impl fmt::Display for Pipelined {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type Reply = Result<Response, lettre::transport::smtp::Error>;
+
+/// The replies to MAIL, each RCPT and DATA. Without pipelining the commands stop at the first
+/// refusal, so later replies are missing.
+struct EnvelopeReplies {
+    mail: Reply,
+    rcpts: Vec<Reply>,
+    data: Option<Reply>,
+    /// A reply could not be read: the session is gone.
+    broken: bool,
+}
+
+fn no_code(reply: &Reply) -> bool {
+    matches!(reply, Err(e) if e.status().is_none())
+}
+
+/// MAIL, RCPT for each recipient and DATA: in one write when the relay offers PIPELINING, which
+/// saves two round trips per message, else one at a time.
+async fn envelope(
+    conn: &mut AsyncSmtpConnection,
+    mail: Mail,
+    rcpts: Vec<Rcpt>,
+    pipelining: bool,
+) -> EnvelopeReplies {
+    if pipelining {
+        let mut group = String::with_capacity(64 * (rcpts.len() + 2));
+        let _ = write!(group, "{mail}");
+        for rcpt in &rcpts {
+            let _ = write!(group, "{rcpt}");
+        }
+        let _ = write!(group, "{Data}");
+        let mail = conn.command(Pipelined(group)).await;
+        let mut replies = EnvelopeReplies {
+            broken: no_code(&mail),
+            mail,
+            rcpts: Vec::with_capacity(rcpts.len()),
+            data: None,
+        };
+        // Every command of the group gets a reply, refused or not; read them all to stay in step.
+        for _ in &rcpts {
+            if replies.broken {
+                return replies;
+            }
+            let reply = conn.read_response().await;
+            replies.broken = no_code(&reply);
+            replies.rcpts.push(reply);
+        }
+        if !replies.broken {
+            let reply = conn.read_response().await;
+            replies.broken = no_code(&reply);
+            replies.data = Some(reply);
+        }
+        return replies;
+    }
+    let mail = conn.command(mail).await;
+    let mut replies = EnvelopeReplies {
+        broken: no_code(&mail),
+        mail,
+        rcpts: Vec::with_capacity(rcpts.len()),
+        data: None,
+    };
+    if replies.mail.is_err() {
+        return replies;
+    }
+    for rcpt in rcpts {
+        let reply = conn.command(rcpt).await;
+        let refused = reply.is_err();
+        replies.broken = no_code(&reply);
+        replies.rcpts.push(reply);
+        if refused {
+            return replies;
+        }
+    }
+    let reply = conn.command(Data).await;
+    replies.broken = no_code(&reply);
+    replies.data = Some(reply);
+    replies
+}
+
+/// The envelope, then the message. On a refusal the session is reset (RSET) and kept when it can
+/// be; a relay closing the session at MAIL FROM marks it stale.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
+    pipelining: bool,
     out: &Outgoing,
     stage: &StageCell,
     abandon: &CancellationToken,
 ) -> Result<Accepted, TransactionFailure> {
-    let envelope = &out.envelope;
+    let envelope_ = &out.envelope;
     let mut parameters = Vec::new();
-    let non_ascii_addresses = envelope
+    let non_ascii_addresses = envelope_
         .from()
         .into_iter()
-        .chain(envelope.to())
+        .chain(envelope_.to())
         .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
     if non_ascii_addresses {
         if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
@@ -471,10 +569,17 @@ async fn transaction(
     }
 
     stage.set(Stage::Mail);
-    match conn
-        .command(Mail::new(envelope.from().cloned(), parameters))
-        .await
-    {
+    let mail = Mail::new(envelope_.from().cloned(), parameters);
+    let rcpts: Vec<Rcpt> = envelope_
+        .to()
+        .iter()
+        .map(|r| Rcpt::new(r.clone(), vec![]))
+        .collect();
+    let replies = envelope(conn, mail, rcpts, pipelining).await;
+    // Whether the relay took DATA (354) and now waits for the message.
+    let in_data = matches!(replies.data, Some(Ok(_)));
+
+    match &replies.mail {
         Ok(reply) if u16::from(reply.code()) == 250 => {}
         // 221 and the like: the relay is saying goodbye, as some do to idle sessions.
         Ok(reply) => {
@@ -494,27 +599,55 @@ async fn transaction(
             });
         }
         Err(e) => {
-            let error = classify(&e, Stage::Mail);
+            let error = classify(e, Stage::Mail);
             // No reply code: the socket is gone. 421: the relay is closing it.
-            let gone = error.code.is_none() || error.code == Some(421);
+            let gone = replies.broken || error.code == Some(421);
             return Err(TransactionFailure {
                 stale_session: gone,
-                session_reusable: !gone && reset(conn).await,
+                session_reusable: !gone && !in_data && reset(conn).await,
                 error,
             });
         }
     }
     stage.set(Stage::Rcpt);
-    for recipient in envelope.to() {
-        if let Err(e) = conn.command(Rcpt::new(recipient.clone(), vec![])).await {
-            let mut error = classify(&e, Stage::Rcpt);
+    for (reply, recipient) in replies.rcpts.iter().zip(envelope_.to()) {
+        if let Err(e) = reply {
+            let mut error = classify(e, Stage::Rcpt);
             error.message = format!("{} (recipient {recipient})", error.message);
-            return Err(failure_after_reply(conn, error).await);
+            // Pipelined, the relay may have taken DATA for the other recipients: the only way
+            // out of the data phase without sending a message is to drop the session.
+            let reusable = !replies.broken && !in_data && error.code != Some(421);
+            return Err(TransactionFailure {
+                session_reusable: reusable && reset(conn).await,
+                stale_session: false,
+                error,
+            });
         }
     }
     stage.set(Stage::Data);
-    if let Err(e) = conn.command(Data).await {
-        return Err(failure_after_reply(conn, classify(&e, Stage::Data)).await);
+    match replies.data {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
+            let error = classify(&e, Stage::Data);
+            let reusable = !replies.broken && error.code != Some(421);
+            return Err(TransactionFailure {
+                session_reusable: reusable && reset(conn).await,
+                stale_session: false,
+                error,
+            });
+        }
+        None => {
+            return Err(TransactionFailure {
+                error: SendError::new(
+                    FailureClass::Transient,
+                    None,
+                    "the relay did not answer every command".into(),
+                    Stage::Data,
+                ),
+                stale_session: false,
+                session_reusable: false,
+            });
+        }
     }
     // Last moment to give up without the relay having the message.
     if abandon.is_cancelled() {
@@ -556,18 +689,6 @@ fn abandoned(stage: Stage) -> SendError {
         "given up before sending: the delivery can no longer be acked".into(),
         stage,
     )
-}
-
-async fn failure_after_reply(
-    conn: &mut AsyncSmtpConnection,
-    error: SendError,
-) -> TransactionFailure {
-    let reusable = error.code.is_some() && error.code != Some(421) && reset(conn).await;
-    TransactionFailure {
-        error,
-        stale_session: false,
-        session_reusable: reusable,
-    }
 }
 
 /// RSET after a refused command; true if the session is clean again.
