@@ -164,6 +164,9 @@ struct Sample {
     cpu_ms_per_1000: Option<f64>,
     peak_rss_mib: Option<f64>,
     start_to_consuming_ms: Option<f64>,
+    /// Mean time of one SMTP send, from the worker's own histogram: with the relay delay, what
+    /// bounds a slow-relay run.
+    smtp_send_ms: Option<f64>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -301,6 +304,9 @@ fn print_line(what: &str, case: &Case, sink: &str, s: &Sample) {
     }
     if let Some(start) = s.start_to_consuming_ms {
         line += &format!(", start→consuming {start:.0} ms");
+    }
+    if let Some(send) = s.smtp_send_ms {
+        line += &format!(", mean SMTP send {send:.1} ms");
     }
     println!("{line}");
 }
@@ -700,6 +706,9 @@ async fn worker_run(
             .arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            // Settings to try (e.g. AMQP_MAILER_WORKER__THREADS=2) pass through; the ones below
+            // that the benchmark needs win.
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("AMQP_MAILER_")))
             .envs([
                 ("AMQP_MAILER_AMQP__URL", options.amqp_url.clone()),
                 ("AMQP_MAILER_AMQP__EXCHANGE", amqp.exchange.clone()),
@@ -723,7 +732,6 @@ async fn worker_run(
                 ("AMQP_MAILER_SMTP__TLS", "none".into()),
                 ("AMQP_MAILER_SMTP__FROM", "bench@example.com".into()),
                 ("AMQP_MAILER_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
-                ("AMQP_MAILER_LOG__FORMAT", "json".into()),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -749,7 +757,8 @@ async fn worker_run(
                     pending.extend_from_slice(&buffer[..n]);
                     while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = pending.drain(..=end).collect();
-                        if !seen && line.windows(11).any(|w| w == b"\"consuming\"") {
+                        // The default text log, as users run it: "... INFO consuming queue=...".
+                        if !seen && line.windows(11).any(|w| w == b" consuming ") {
                             seen = true;
                             if let Ok(mut at) = consuming_at.lock() {
                                 *at = Some(Instant::now());
@@ -808,6 +817,15 @@ async fn worker_run(
                 );
             }
         }
+        let sends = metric(
+            &text,
+            "amqp_mailer_smtp_send_duration_seconds_count{outcome=\"delivered\"}",
+        );
+        let send_seconds = metric(
+            &text,
+            "amqp_mailer_smtp_send_duration_seconds_sum{outcome=\"delivered\"}",
+        );
+        let smtp_send_ms = (sends > 0.0).then(|| 1000.0 * send_seconds / sends);
         let extra = sink.extra(case.jobs);
         if extra > 0 {
             return Err(format!("the sink received {extra} messages more than published").into());
@@ -848,6 +866,7 @@ async fn worker_run(
             cpu_ms_per_1000: cpu.map(|ms| ms * 1000.0 / case.jobs as f64),
             peak_rss_mib: rss,
             start_to_consuming_ms: start_to_consuming,
+            smtp_send_ms,
         })
     }
     .await;

@@ -338,10 +338,11 @@ impl Supervisor<'_> {
                 Some(Ok(delivery)) => {
                     let worker = self.worker.clone();
                     let abandon = abandon.clone();
-                    self.tracker.spawn(async move {
+                    // Boxed, so that spawning moves a pointer rather than the whole future.
+                    self.tracker.spawn(Box::pin(async move {
                         worker.handle(delivery, abandon).await;
                         drop(permit);
-                    });
+                    }));
                 }
                 Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                 None => {

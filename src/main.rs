@@ -198,11 +198,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// The tokio runtime: one thread by default (`worker.threads`), more on request.
+fn runtime(threads: u16) -> Option<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(threads));
+        builder
+    };
+    match builder.enable_all().build() {
         Ok(runtime) => Some(runtime),
         Err(e) => {
             eprintln!("amqp-mailer: cannot start the runtime: {e}");
@@ -213,7 +218,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 fn run(config: Config) -> ExitCode {
     telemetry::init(&config.log);
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(config.worker.threads) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async {
@@ -236,7 +241,7 @@ fn run(config: Config) -> ExitCode {
 
 /// Runs a tool to the end; its errors go to stderr with their own exit status.
 fn tool(future: impl Future<Output = Result<(), ToolError>>) -> ExitCode {
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(1) else {
         return ExitCode::FAILURE;
     };
     match runtime.block_on(future) {
@@ -351,7 +356,7 @@ fn health(config: &Config, args: HealthArgs) -> ExitCode {
     } else {
         addr
     };
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(1) else {
         return ExitCode::FAILURE;
     };
     let path = if args.live { "/healthz" } else { "/readyz" };

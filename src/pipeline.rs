@@ -128,17 +128,19 @@ impl Worker {
                     self.metrics.jobs_redelivered.inc();
                     tracing::info!("redelivered by the broker: it may have been sent before");
                 }
-                let attempt =
-                    match guarded(self.attempt(&delivery.data, &mut job_id, &abandon)).await {
-                        Ok(attempt) => attempt,
-                        // A bug must cost this job an attempt, not the worker its life.
-                        Err(panic) => Attempt::Failed {
-                            outcome: Outcome::Transient,
-                            error: format!("internal error while handling the job: {panic}"),
-                            smtp_code: None,
-                        },
-                    };
-                let settled = self.settle(&delivery, attempts_before, attempt).await;
+                // Boxed: the send's state machine is kilobytes, and a task's future is copied
+                // several times when spawned; this way the task keeps only a pointer.
+                let attempt = Box::pin(self.attempt(&delivery.data, &mut job_id, &abandon));
+                let attempt = match guarded(attempt).await {
+                    Ok(attempt) => attempt,
+                    // A bug must cost this job an attempt, not the worker its life.
+                    Err(panic) => Attempt::Failed {
+                        outcome: Outcome::Transient,
+                        error: format!("internal error while handling the job: {panic}"),
+                        smtp_code: None,
+                    },
+                };
+                let settled = Box::pin(self.settle(&delivery, attempts_before, attempt)).await;
                 if matches!(
                     settled,
                     JobOutcome::Delivered | JobOutcome::Retried | JobOutcome::DeadLettered(_)
@@ -269,9 +271,11 @@ impl Worker {
             failed_at: SystemTime::now(),
         };
         let properties = republish_properties(&delivery.properties, &failure);
-        if let Err(publish_error) = self
-            .publisher
-            .publish("", queue, &delivery.data, properties)
+        if let Err(publish_error) =
+            Box::pin(
+                self.publisher
+                    .publish("", queue, &delivery.data, properties),
+            )
             .await
         {
             tracing::error!(
@@ -348,13 +352,11 @@ fn outcome_name(outcome: JobOutcome) -> &'static str {
 }
 
 /// Identifies a delivery: the job's bytes and the attempt. Retries and replays are other
-/// deliveries (another attempt header or none); a broker redelivery is the same.
+/// deliveries (another attempt header or none); a broker redelivery is the same. XXH3: fast on
+/// every job's body, and 64 bits make a false match (a skipped job) vanishingly unlikely among
+/// the few thousand deliveries remembered.
 fn settle_key(body: &[u8], attempts_before: u32) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    body.hash(&mut hasher);
-    attempts_before.hash(&mut hasher);
-    hasher.finish()
+    xxhash_rust::xxh3::xxh3_64_with_seed(body, u64::from(attempts_before))
 }
 
 /// The deliveries this worker settled lately, so that a redelivery after a lost ack is not sent

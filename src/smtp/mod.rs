@@ -454,6 +454,31 @@ impl fmt::Display for Pipelined {
     }
 }
 
+/// The DATA payload of RFC 5321 4.5.2: every line that starts with "." gets another one, and the
+/// data ends with CRLF "." CRLF.
+struct MessageData<'a>(&'a str);
+
+impl fmt::Display for MessageData<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0;
+        if text.starts_with('.') {
+            f.write_char('.')?;
+        }
+        let mut start = 0;
+        for found in memchr::memmem::find_iter(text.as_bytes(), b"\r\n.") {
+            // Up to and including the CRLF, then the extra dot; the line's own dot follows.
+            f.write_str(&text[start..found + 2])?;
+            f.write_char('.')?;
+            start = found + 2;
+        }
+        f.write_str(&text[start..])?;
+        if !text.ends_with("\r\n") {
+            f.write_str("\r\n")?;
+        }
+        f.write_str(".\r\n")
+    }
+}
+
 type Reply = Result<Response, lettre::transport::smtp::Error>;
 
 /// The replies to MAIL, each RCPT and DATA. Without pipelining the commands stop at the first
@@ -658,10 +683,19 @@ async fn transaction(
         });
     }
     stage.set(Stage::DataEnd);
-    // lettre ends the data with CRLF "." CRLF whatever it ends with; a message that already ends
-    // in CRLF would get an extra empty line.
-    let data = out.bytes.strip_suffix(b"\r\n").unwrap_or(&out.bytes);
-    match conn.message(data).await {
+    // The message, dot-stuffed and terminated, in one write (lettre's own `message` stuffs byte
+    // by byte and writes the final dot separately: two syscalls and a slow loop per message).
+    // The built message is UTF-8 (lettre encodes bodies as 7bit, quoted-printable, base64 or
+    // UTF-8 text), which lettre's command API needs; anything else takes lettre's path.
+    let result = match std::str::from_utf8(&out.bytes) {
+        Ok(text) => conn.command(MessageData(text)).await,
+        Err(_) => {
+            // lettre ends the data with CRLF "." CRLF whatever it ends with.
+            let data = out.bytes.strip_suffix(b"\r\n").unwrap_or(&out.bytes);
+            conn.message(data).await
+        }
+    };
+    match result {
         Ok(response) => Ok(Accepted {
             reply: format!(
                 "{} {}",
@@ -697,4 +731,26 @@ async fn reset(conn: &mut AsyncSmtpConnection) -> bool {
         tokio::time::timeout(Duration::from_secs(5), conn.command(Rset)).await,
         Ok(Ok(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessageData;
+
+    #[test]
+    fn message_data_is_dot_stuffed_and_terminated() {
+        let cases = [
+            ("a\r\nb\r\n", "a\r\nb\r\n.\r\n"),
+            ("a\r\nb", "a\r\nb\r\n.\r\n"),
+            (
+                ".x\r\n.\r\n..y\r\nz.\r\n",
+                "..x\r\n..\r\n...y\r\nz.\r\n.\r\n",
+            ),
+            ("", "\r\n.\r\n"),
+            ("no dot\r\n. ", "no dot\r\n.. \r\n.\r\n"),
+        ];
+        for (data, wire) in cases {
+            assert_eq!(MessageData(data).to_string(), wire, "{data:?}");
+        }
+    }
 }
