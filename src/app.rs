@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Publisher, Topology, TopologyError};
-use crate::config::Config;
+use crate::config::{AmbiguousPolicy, Config};
 use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
 use crate::pipeline::{JobEvent, RecentlySettled, Worker};
 use crate::policy::Schedule;
-use crate::smtp::Relay;
+use crate::smtp::{Relay, RelayLimits, RelaySet};
 use crate::status::{Phase, Status};
 use crate::{http, systemd};
 
@@ -69,16 +69,36 @@ pub async fn run(
         events,
     } = handles;
     let concurrency = usize::from(config.worker.concurrency);
-    let schedule = Schedule::new(&config.retry);
+    let schedule = Schedule::new(&config.retry)
+        .dead_letter_ambiguous(config.smtp.ambiguous == AmbiguousPolicy::DeadLetter);
     let topology = Topology::new(&config.amqp, &schedule);
-    let relay = Relay::new(
-        &config.smtp,
-        concurrency,
-        config.pool_size(),
-        metrics.clone(),
-    )
-    .map_err(|e| RunError::Config(e.to_string()))?;
-    tracing::info!(relay = %relay.describe(), "SMTP relay");
+    let mut relays = Vec::new();
+    for relay in config.relays() {
+        let max_connections = relay
+            .smtp
+            .max_connections
+            .map_or(concurrency, |m| usize::from(m).min(concurrency));
+        let limits = RelayLimits {
+            max_connections,
+            max_idle: config.pool_size().min(max_connections),
+            rate: (relay.smtp.rate_limit > 0.0).then_some(relay.smtp.rate_limit),
+            flow_control: relay.smtp.flow_control,
+            overload_retries: relay.smtp.overload_retries,
+            failures_to_cooldown: config.relays.failures_to_cooldown,
+            cooldown: config.relays.cooldown,
+        };
+        let built = Relay::new(
+            relay.name.clone(),
+            relay.weight,
+            &relay.smtp,
+            limits,
+            metrics.relay(&relay.name),
+        )
+        .map_err(|e| RunError::Config(e.to_string()))?;
+        tracing::info!(relay = %built.describe(), name = %relay.name, "SMTP relay");
+        relays.push(built);
+    }
+    let relays = RelaySet::new(relays, config.relays.mode);
     let defaults = MessageDefaults {
         from: config
             .smtp
@@ -88,7 +108,8 @@ pub async fn run(
         message_id_domain: config.smtp.message_id_domain.clone(),
     };
     let worker = Arc::new(Worker {
-        relay,
+        relays,
+        max_age: config.retry.max_age,
         publisher: Publisher::new(config.amqp.publish_timeout),
         topology,
         schedule,
@@ -111,7 +132,7 @@ pub async fn run(
         let health = Arc::new(http::Health {
             status: status.clone(),
             metrics: metrics.clone(),
-            relay_auth_failing: Box::new(move || relay_worker.relay.auth_failing()),
+            relay_auth_failing: Box::new(move || relay_worker.relays.auth_failing()),
         });
         tokio::spawn(http::serve(listener, health, background.clone()));
     }
@@ -131,7 +152,7 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(period) => worker.relay.reap_idle().await,
+                    _ = tokio::time::sleep(period) => worker.relays.reap_idle().await,
                     _ = background.cancelled() => return,
                 }
             }
@@ -149,7 +170,7 @@ pub async fn run(
         beat_every,
     };
     let result = supervisor.run(&shutdown, &force).await;
-    worker.relay.close().await;
+    worker.relays.close().await;
     background.cancel();
     result
 }

@@ -41,6 +41,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub limits: LimitsConfig,
     pub smtp: SmtpConfig,
+    pub relays: RelaysConfig,
     pub retry: RetryConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
@@ -220,6 +221,29 @@ pub struct SmtpConfig {
     pub hello_name: Option<String>,
     /// Domain of generated Message-IDs. Default: the sender's domain.
     pub message_id_domain: Option<String>,
+    /// Most messages per second to the relay, evenly spaced (no bursts); 0 for no limit.
+    /// Default 0.
+    pub rate_limit: f64,
+    /// Most connections open to the relay at once. Default: the worker's concurrency.
+    pub max_connections: Option<u16>,
+    /// Adapt to a relay that says it is overloaded (421, or a 4xx about rates or too many
+    /// connections): halve the sends in flight, retry the job without counting an attempt, grow
+    /// back one step per success round. Default `true`.
+    pub flow_control: bool,
+    /// How many overload replies one job may wait out before they count as a failed attempt.
+    /// Default 5.
+    pub overload_retries: u32,
+    /// A timeout or dropped connection after the message was sent may mean the relay has it:
+    /// `retry` (default; the stable Message-ID lets receivers drop a copy) or `dead-letter` (a
+    /// person decides).
+    pub ambiguous: AmbiguousPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AmbiguousPolicy {
+    Retry,
+    DeadLetter,
 }
 
 impl Default for SmtpConfig {
@@ -241,7 +265,127 @@ impl Default for SmtpConfig {
             from: None,
             hello_name: None,
             message_id_domain: None,
+            rate_limit: 0.0,
+            max_connections: None,
+            flow_control: true,
+            overload_retries: 5,
+            ambiguous: AmbiguousPolicy::Retry,
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    /// The first healthy relay of the list; the others only while it is cooling down.
+    Failover,
+    /// Every healthy relay in turn, in proportion to its weight.
+    RoundRobin,
+}
+
+/// Several relays. Without `list`, `[smtp]` is the one relay.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaysConfig {
+    /// `failover` (default) or `round-robin`.
+    pub mode: RelayMode,
+    /// A relay that failed this many times in a row (connecting, TLS, AUTH, 421, timeouts) is
+    /// skipped for `cooldown`. Default 3.
+    pub failures_to_cooldown: u32,
+    /// How long a failing relay is skipped. Default `30s`.
+    #[serde(with = "duration")]
+    pub cooldown: Duration,
+    /// The relays, in order of preference. Each entry takes the `[smtp]` settings it does not
+    /// give itself.
+    pub list: Vec<RelayEntry>,
+}
+
+impl Default for RelaysConfig {
+    fn default() -> Self {
+        Self {
+            mode: RelayMode::Failover,
+            failures_to_cooldown: 3,
+            cooldown: Duration::from_secs(30),
+            list: Vec::new(),
+        }
+    }
+}
+
+/// One relay of `relays.list`; what it leaves out comes from `[smtp]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayEntry {
+    /// The relay's name in logs and metrics. Default `host:port`.
+    pub name: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub tls: Option<TlsMode>,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// Share of the jobs in `round-robin` mode. Default 1.
+    pub weight: Option<u32>,
+    pub rate_limit: Option<f64>,
+    pub max_connections: Option<u16>,
+}
+
+/// A relay with every setting resolved.
+#[derive(Debug, Clone)]
+pub struct ResolvedRelay {
+    pub name: String,
+    pub weight: u32,
+    pub smtp: SmtpConfig,
+}
+
+impl Config {
+    /// The relays to send through, each with its full settings: `relays.list` over `[smtp]`, or
+    /// `[smtp]` alone.
+    pub fn relays(&self) -> Vec<ResolvedRelay> {
+        let named = |smtp: &SmtpConfig| format!("{}:{}", smtp.host, smtp.effective_port());
+        if self.relays.list.is_empty() {
+            return vec![ResolvedRelay {
+                name: named(&self.smtp),
+                weight: 1,
+                smtp: self.smtp.clone(),
+            }];
+        }
+        self.relays
+            .list
+            .iter()
+            .map(|entry| {
+                let mut smtp = self.smtp.clone();
+                if let Some(host) = &entry.host {
+                    smtp.host = host.clone();
+                    // Another host: its port follows its TLS mode unless given.
+                    smtp.port = None;
+                }
+                if entry.port.is_some() {
+                    smtp.port = entry.port;
+                }
+                if let Some(tls) = entry.tls {
+                    smtp.tls = tls;
+                }
+                if entry.ca_file.is_some() {
+                    smtp.ca_file = entry.ca_file.clone();
+                }
+                if entry.username.is_some() {
+                    smtp.username = entry.username.clone();
+                    smtp.password = entry.password.clone();
+                }
+                if let Some(rate) = entry.rate_limit {
+                    smtp.rate_limit = rate;
+                }
+                if entry.max_connections.is_some() {
+                    smtp.max_connections = entry.max_connections;
+                }
+                ResolvedRelay {
+                    name: entry.name.clone().unwrap_or_else(|| named(&smtp)),
+                    weight: entry.weight.unwrap_or(1),
+                    smtp,
+                }
+            })
+            .collect()
     }
 }
 
@@ -270,6 +414,11 @@ pub struct RetryConfig {
     /// Attempts in all, the first included; after the last one the job is dead-lettered
     /// as `exhausted`. Default 10.
     pub max_attempts: u32,
+    /// A job still unsent this long after its first failed attempt is dead-lettered as
+    /// `expired` instead of being sent late. Unset (the default): no limit. A job can also carry
+    /// its own `not_after` time.
+    #[serde(with = "optional_duration")]
+    pub max_age: Option<Duration>,
 }
 
 impl Default for RetryConfig {
@@ -279,6 +428,7 @@ impl Default for RetryConfig {
             multiplier: 2.0,
             max_delay: Duration::from_secs(3600),
             max_attempts: 10,
+            max_age: None,
         }
     }
 }
@@ -418,6 +568,26 @@ where
             ))
         })
         .collect()
+}
+
+/// An optional duration: absent, or written like `10s`.
+pub mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => s.serialize_str(&super::duration::format(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| super::duration::parse(&t).map_err(D::Error::custom))
+            .transpose()
+    }
 }
 
 /// Durations written like `10s`, `500ms`, `1h`, `1m 30s`.
@@ -723,6 +893,85 @@ impl Config {
                 "retry.max_attempts",
                 "must be between 1 and 1000",
             ));
+        }
+
+        if !(self.smtp.rate_limit.is_finite() && self.smtp.rate_limit >= 0.0) {
+            return Err(ConfigError::new(
+                "smtp.rate_limit",
+                "must be a number of messages per second, 0 for none",
+            ));
+        }
+        if self.smtp.max_connections == Some(0) {
+            return Err(ConfigError::new(
+                "smtp.max_connections",
+                "must be at least 1",
+            ));
+        }
+        positive("relays.cooldown", self.relays.cooldown)?;
+        if self.relays.failures_to_cooldown == 0 {
+            return Err(ConfigError::new(
+                "relays.failures_to_cooldown",
+                "must be at least 1",
+            ));
+        }
+        for (i, entry) in self.relays.list.iter_mut().enumerate() {
+            let key = |field: &str| format!("relays.list[{i}].{field}");
+            if entry.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
+                return Err(ConfigError::new(key("host"), "must not be empty"));
+            }
+            if entry.port == Some(0) {
+                return Err(ConfigError::new(key("port"), "must be between 1 and 65535"));
+            }
+            if entry.weight == Some(0) {
+                return Err(ConfigError::new(key("weight"), "must be at least 1"));
+            }
+            if entry
+                .rate_limit
+                .is_some_and(|r| !(r.is_finite() && r >= 0.0))
+            {
+                return Err(ConfigError::new(key("rate_limit"), "must be 0 or more"));
+            }
+            if entry.max_connections == Some(0) {
+                return Err(ConfigError::new(
+                    key("max_connections"),
+                    "must be at least 1",
+                ));
+            }
+            if let Some(ca) = &entry.ca_file
+                && !ca.is_file()
+            {
+                return Err(ConfigError::new(
+                    key("ca_file"),
+                    format!("{} is not a readable file", ca.display()),
+                ));
+            }
+            match (&entry.password, &entry.password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        key("password_file"),
+                        "set either password or password_file, not both",
+                    ));
+                }
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        ConfigError::new(
+                            key("password_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    entry.password = Some(Secret::new(text.trim_end_matches(['\r', '\n'])));
+                }
+                _ => {}
+            }
+            if entry.username.is_some() != entry.password.is_some() {
+                return Err(ConfigError::new(
+                    key("password"),
+                    "a relay's username and password go together",
+                ));
+            }
+        }
+        if let Some(age) = self.retry.max_age {
+            positive("retry.max_age", age)?;
         }
 
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {

@@ -36,6 +36,8 @@ pub struct Job {
     pub html: Option<String>,
     pub headers: Vec<(String, String)>,
     pub attachments: Vec<Attachment>,
+    /// Not to be sent after this time (the producer's `not_after`, RFC 3339).
+    pub not_after: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,7 +77,14 @@ impl Default for Limits {
     }
 }
 
-/// Headers the worker writes itself; a job may not set or override them.
+/// The longest display name of an address, in bytes. lettre writes a name with no space in it
+/// on one line, and may double it in escaping: 256 keeps every address header line under RFC
+/// 5322's 998 bytes, with room for the longest address (320). Real names are far shorter.
+const MAX_NAME_BYTES: usize = 256;
+
+/// Headers the worker writes itself; a job may not set or override them. Every `Content-*` header
+/// is refused as well (see `is_reserved`): they describe the MIME structure, which is the
+/// worker's.
 const RESERVED_HEADERS: &[&str] = &[
     "from",
     "sender",
@@ -109,6 +118,7 @@ struct RawJob {
     html: Option<String>,
     headers: Option<BTreeMap<String, String>>,
     attachments: Option<Vec<RawAttachment>>,
+    not_after: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -150,8 +160,7 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
             e.valid_up_to()
         )));
     }
-    let raw: RawJob = serde_json::from_slice(body)
-        .map_err(|e| InvalidJob::new(format!("job is not a valid JSON job: {e}")))?;
+    let raw: RawJob = serde_json::from_slice(body).map_err(json_error)?;
 
     let id = match raw.id {
         Some(id) => {
@@ -168,11 +177,8 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
         None => None,
     };
 
-    let from = raw.from.map(|f| mailbox("from", &f)).transpose()?;
-    let reply_to = mailboxes("reply_to", raw.reply_to)?;
-    let to = mailboxes("to", raw.to)?;
-    let cc = mailboxes("cc", raw.cc)?;
-    let bcc = mailboxes("bcc", raw.bcc)?;
+    // Counted before any address is parsed: a job over the limit costs no parsing.
+    let (to, cc, bcc) = (listed(raw.to), listed(raw.cc), listed(raw.bcc));
     let recipients = to.len() + cc.len() + bcc.len();
     if recipients == 0 {
         return Err(InvalidJob::new(
@@ -185,6 +191,11 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
             limits.max_recipients
         )));
     }
+    let from = raw.from.map(|f| mailbox("from", &f)).transpose()?;
+    let reply_to = mailboxes("reply_to", listed(raw.reply_to))?;
+    let to = mailboxes("to", to)?;
+    let cc = mailboxes("cc", cc)?;
+    let bcc = mailboxes("bcc", bcc)?;
 
     let subject = raw
         .subject
@@ -205,6 +216,18 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
     let headers = headers(raw.headers.unwrap_or_default(), limits)?;
     let attachments = attachments(raw.attachments.unwrap_or_default(), limits)?;
 
+    let not_after = raw
+        .not_after
+        .map(|text| {
+            humantime::parse_rfc3339_weak(&text).map_err(|_| {
+                InvalidJob::new(format!(
+                    "not_after {:?} is not a time like 2026-12-24T18:00:00Z",
+                    truncate(&text)
+                ))
+            })
+        })
+        .transpose()?;
+
     Ok(Job {
         id,
         from,
@@ -217,11 +240,39 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
         html: raw.html,
         headers,
         attachments,
+        not_after,
     })
 }
 
-fn mailboxes(field: &str, value: Option<OneOrMany>) -> Result<Vec<Mailbox>, InvalidJob> {
-    let list = value.map(OneOrMany::into_vec).unwrap_or_default();
+fn listed(value: Option<OneOrMany>) -> Vec<String> {
+    value.map(OneOrMany::into_vec).unwrap_or_default()
+}
+
+/// serde_json's message quotes the offending key or value whole: a megabyte-long unknown field
+/// would make a megabyte-long reason (and log line), and a key with CR/LF a reason with line
+/// breaks. Cut and escaped, with serde_json's position kept.
+fn json_error(e: serde_json::Error) -> InvalidJob {
+    const MAX: usize = 300;
+    let message = e.to_string();
+    let location = format!(" at line {} column {}", e.line(), e.column());
+    let message = message.strip_suffix(&location).unwrap_or(&message);
+    let mut escaped = String::new();
+    for c in message.chars() {
+        if escaped.len() >= MAX {
+            escaped.push('…');
+            break;
+        }
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    let location = if e.line() > 0 { location.as_str() } else { "" };
+    InvalidJob::new(format!("job is not a valid JSON job: {escaped}{location}"))
+}
+
+fn mailboxes(field: &str, list: Vec<String>) -> Result<Vec<Mailbox>, InvalidJob> {
     list.iter()
         .enumerate()
         .map(|(i, text)| mailbox(&format!("{field}[{i}]"), text))
@@ -230,12 +281,21 @@ fn mailboxes(field: &str, value: Option<OneOrMany>) -> Result<Vec<Mailbox>, Inva
 
 fn mailbox(field: &str, text: &str) -> Result<Mailbox, InvalidJob> {
     no_control(field, text)?;
-    Mailbox::from_str(text).map_err(|e| {
+    let mailbox = Mailbox::from_str(text).map_err(|e| {
         InvalidJob::new(format!(
             "{field}: {:?} is not a valid address: {e}",
             truncate(text)
         ))
-    })
+    })?;
+    if let Some(name) = &mailbox.name
+        && name.len() > MAX_NAME_BYTES
+    {
+        return Err(InvalidJob::new(format!(
+            "{field}: the display name is {} bytes, at most {MAX_NAME_BYTES}",
+            name.len()
+        )));
+    }
+    Ok(mailbox)
 }
 
 /// CR, LF and NUL would end a header line early or be refused by relays: never allowed in a value
@@ -273,10 +333,7 @@ fn headers(
                 truncate(&name)
             )));
         }
-        if RESERVED_HEADERS
-            .iter()
-            .any(|reserved| reserved.eq_ignore_ascii_case(&name))
-        {
+        if is_reserved(&name) {
             return Err(InvalidJob::new(format!(
                 "headers: {name} is set by the worker from the job's own fields; \
                  it cannot be given in headers"
@@ -293,6 +350,16 @@ fn headers(
         out.push((name, value));
     }
     Ok(out)
+}
+
+/// A header the job may not give: one of [`RESERVED_HEADERS`], or any `Content-*`, in any case.
+fn is_reserved(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(name))
+        || name
+            .get(.."content-".len())
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("content-"))
 }
 
 fn attachments(raw: Vec<RawAttachment>, limits: &Limits) -> Result<Vec<Attachment>, InvalidJob> {
@@ -313,9 +380,38 @@ fn attachments(raw: Vec<RawAttachment>, limits: &Limits) -> Result<Vec<Attachmen
             )));
         }
         no_control(&format!("{field}.filename"), &attachment.filename)?;
+        // Mail clients decode RFC 2047 encoded words even in a filename parameter (against RFC
+        // 2231, but widely): `=?utf-8?b?ZXZpbC5leGU=?=` would be shown and saved as `evil.exe`.
+        if let Some(start) = attachment.filename.find("=?")
+            && attachment.filename[start + 2..].contains("?=")
+        {
+            return Err(InvalidJob::new(format!(
+                "{field}.filename {:?} holds an RFC 2047 encoded word (=?…?=), which mail \
+                 clients would show decoded; give the name as plain UTF-8",
+                truncate(&attachment.filename)
+            )));
+        }
         let content_type = match &attachment.content_type {
             Some(text) => {
                 no_control(&format!("{field}.content_type"), text)?;
+                // Written as one header line; RFC 6838 names are at most 127 bytes a side.
+                if text.len() > 255 {
+                    return Err(InvalidJob::new(format!(
+                        "{field}.content_type must be at most 255 bytes"
+                    )));
+                }
+                // A multipart attachment's content would be read as MIME parts of the message:
+                // parts, headers and recipients the job never declared.
+                if text
+                    .trim_start()
+                    .get(.."multipart/".len())
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("multipart/"))
+                {
+                    return Err(InvalidJob::new(format!(
+                        "{field}.content_type {:?}: an attachment cannot be multipart",
+                        truncate(text)
+                    )));
+                }
                 ContentType::parse(text).map_err(|_| {
                     InvalidJob::new(format!(
                         "{field}.content_type {:?} is not a MIME type like application/pdf",
@@ -540,6 +636,124 @@ mod tests {
             let reason = reason(&json);
             assert!(reason.contains("set by the worker"), "{name}: {reason}");
         }
+    }
+
+    /// Regression (fuzz/regressions/decode_job/content-star-header.json): the README says every
+    /// Content-* header is the worker's, but only four were refused.
+    #[test]
+    fn every_content_header_is_refused() {
+        for name in [
+            "Content-Description",
+            "content-location",
+            "CONTENT-LANGUAGE",
+        ] {
+            let json =
+                format!(r#"{{"to":"a@b.c","subject":"s","text":"t","headers":{{"{name}":"x"}}}}"#);
+            let reason = reason(&json);
+            assert!(reason.contains("set by the worker"), "{name}: {reason}");
+        }
+        assert!(
+            decode_str(r#"{"to":"a@b.c","subject":"s","text":"t","headers":{"X-Content":"x"}}"#)
+                .is_ok()
+        );
+    }
+
+    /// Regression (fuzz/regressions/decode_job/multipart-attachment.json): a multipart attachment
+    /// type made its content MIME parts of the message, with headers the job never declared.
+    #[test]
+    fn multipart_attachment_type_is_refused() {
+        let reason = reason(
+            r#"{"to":"a@b.c","subject":"s","text":"t","attachments":[
+                {"filename":"a","content_type":" Multipart/Mixed; boundary=x","content_base64":""}]}"#,
+        );
+        assert!(reason.contains("cannot be multipart"), "{reason}");
+    }
+
+    /// Regression (fuzz/regressions/decode_job/long-unknown-field.json and
+    /// crlf-in-unknown-field.json): serde_json's message quoted the key whole, so a reason could
+    /// be megabytes long and hold line breaks.
+    #[test]
+    fn json_errors_are_short_and_one_line() {
+        let long = "y".repeat(5000);
+        for json in [
+            format!(r#"{{"to":"a@b.c","subject":"s","text":"t","{long}":1}}"#),
+            format!(r#"{{"to":"a@b.c","subject":"s","text":"t","headers":"{long}"}}"#),
+            r#"{"to":"a@b.c","subject":"s","text":"t","x\r\nBcc: e@f.g":1}"#.to_string(),
+        ] {
+            let reason = reason(&json);
+            assert!(reason.len() < 500, "{} bytes: {reason}", reason.len());
+            assert!(!reason.contains(['\r', '\n']), "{reason:?}");
+            assert!(reason.contains("at line 1 column"), "{reason}");
+        }
+        assert!(reason(r#"{"to":"a@b.c","subject":"s","text":"t","x\r\n":1}"#).contains(r"x\r\n"));
+    }
+
+    /// Regression (fuzz/regressions/decode_job/long-display-name.json): a long name with no space
+    /// was written on one line, past RFC 5322's 998 bytes.
+    #[test]
+    fn long_display_name_is_refused() {
+        let name = "n".repeat(257);
+        let reason = reason(&format!(
+            r#"{{"to":"{name} <a@b.c>","subject":"s","text":"t"}}"#
+        ));
+        assert!(
+            reason.contains("to[0]: the display name is 257 bytes"),
+            "{reason}"
+        );
+        let name = "n".repeat(256);
+        assert!(
+            decode_str(&format!(
+                r#"{{"to":"{name} <a@b.c>","subject":"s","text":"t"}}"#
+            ))
+            .is_ok()
+        );
+    }
+
+    /// Regression: an encoded-word look-alike as a filename was shown decoded by mail clients
+    /// (`=?utf-8?b?ZXZpbC5leGU=?=` as `evil.exe`).
+    #[test]
+    fn encoded_word_filename_is_refused() {
+        let reason = reason(
+            r#"{"to":"a@b.c","subject":"s","text":"t","attachments":[
+                {"filename":"=?utf-8?b?ZXZpbC5leGU=?=","content_base64":""}]}"#,
+        );
+        assert!(reason.contains("attachments[0].filename"), "{reason}");
+        assert!(
+            decode_str(
+                r#"{"to":"a@b.c","subject":"s","text":"t","attachments":[
+                    {"filename":"a=?b.txt","content_base64":""}]}"#
+            )
+            .is_ok()
+        );
+    }
+
+    /// Regression (fuzz/regressions/decode_job/fuzzer-found-long-attachment-content-type, found by
+    /// the decode_job fuzzer): a 1,700-byte content type made a Content-Type line past 998 bytes.
+    #[test]
+    fn long_attachment_content_type_is_refused() {
+        let long = format!("application/{}", "x".repeat(250));
+        let reason = reason(&format!(
+            r#"{{"to":"a@b.c","subject":"s","text":"t","attachments":[
+                {{"filename":"a","content_type":"{long}","content_base64":""}}]}}"#
+        ));
+        assert!(reason.contains("at most 255 bytes"), "{reason}");
+    }
+
+    /// Recipients are counted before any address is parsed: a job over the limit costs no
+    /// parsing, whatever its addresses.
+    #[test]
+    fn recipients_over_the_limit_are_refused_before_parsing() {
+        let limits = Limits {
+            max_recipients: 2,
+            ..Limits::default()
+        };
+        let reason = decode(
+            br#"{"to":["not an address","x","y"],"subject":"s","text":"t"}"#,
+            &limits,
+        )
+        .expect_err("over the limit")
+        .0;
+        assert!(reason.contains("limits.max_recipients = 2"), "{reason}");
     }
 
     #[test]

@@ -21,8 +21,27 @@ pub struct AttemptLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
+pub struct RelayLabel {
+    pub relay: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayOutcomeLabel {
+    pub relay: String,
     pub outcome: &'static str,
+}
+
+/// One relay's metrics, looked up once: the hot path updates them without hashing a label.
+#[derive(Clone, Debug)]
+pub struct RelayMetrics {
+    pub delivered: Histogram,
+    pub rejected: Histogram,
+    pub failed: Histogram,
+    pub sessions_open: Gauge,
+    pub stale_connections: Counter,
+    pub overloads: Counter,
+    pub window: Gauge,
+    pub healthy: Gauge,
 }
 
 pub struct Metrics {
@@ -34,9 +53,14 @@ pub struct Metrics {
     pub jobs_requeued: Counter,
     pub jobs_abandoned: Counter,
     pub jobs_in_flight: Gauge,
-    pub smtp_send_duration: Family<OutcomeLabel, Histogram>,
-    pub smtp_sessions_open: Gauge,
-    pub smtp_stale_connections: Counter,
+    pub smtp_send_duration: Family<RelayOutcomeLabel, Histogram>,
+    pub smtp_sessions_open: Family<RelayLabel, Gauge>,
+    pub smtp_stale_connections: Family<RelayLabel, Counter>,
+    pub relay_overloads: Family<RelayLabel, Counter>,
+    pub relay_window: Family<RelayLabel, Gauge>,
+    pub relay_healthy: Family<RelayLabel, Gauge>,
+    pub recipients_refused: Family<KindLabel, Counter>,
+    pub jobs_ambiguous: Counter,
     pub broker_connected: Gauge,
     pub possible_duplicates: Counter,
     pub jobs_redelivered: Counter,
@@ -105,27 +129,63 @@ impl Metrics {
             "Deliveries being processed now",
             jobs_in_flight.clone(),
         );
-        let smtp_send_duration = Family::<OutcomeLabel, Histogram>::new_with_constructor(|| {
-            // 1 ms to about 65 s.
-            Histogram::new(exponential_buckets(0.001, 2.0, 17))
-        });
+        let smtp_send_duration =
+            Family::<RelayOutcomeLabel, Histogram>::new_with_constructor(|| {
+                // 1 ms to about 65 s.
+                Histogram::new(exponential_buckets(0.001, 2.0, 17))
+            });
         registry.register(
             "smtp_send_duration_seconds",
-            "Time to hand one message to the relay, by outcome (delivered, transient, rejected)",
+            "Time to hand one message to a relay, by relay and outcome (delivered: at least one \
+             recipient took it; rejected: refused for good; failed: anything else)",
             smtp_send_duration.clone(),
         );
-        let smtp_sessions_open = Gauge::default();
+        let smtp_sessions_open = Family::<RelayLabel, Gauge>::default();
         registry.register(
             "smtp_sessions_open",
-            "SMTP connections open, busy or idle in the pool",
+            "SMTP connections open, busy or idle in the pool, by relay",
             smtp_sessions_open.clone(),
         );
-        let smtp_stale_connections = Counter::default();
+        let smtp_stale_connections = Family::<RelayLabel, Counter>::default();
         registry.register(
             "smtp_stale_connections",
             "Pooled SMTP connections found closed by the relay and replaced without costing \
-             an attempt",
+             an attempt, by relay",
             smtp_stale_connections.clone(),
+        );
+        let relay_overloads = Family::<RelayLabel, Counter>::default();
+        registry.register(
+            "relay_overloads",
+            "Overload replies from a relay (421, or a 4xx about rates or too many connections) \
+             that made the worker slow down instead of counting an attempt",
+            relay_overloads.clone(),
+        );
+        let relay_window = Family::<RelayLabel, Gauge>::default();
+        registry.register(
+            "relay_window",
+            "Sends a relay may have in flight now: smtp.max_connections, halved on overload, \
+             growing back by one",
+            relay_window.clone(),
+        );
+        let relay_healthy = Family::<RelayLabel, Gauge>::default();
+        registry.register(
+            "relay_healthy",
+            "1 while a relay is in use, 0 while it cools down after repeated failures",
+            relay_healthy.clone(),
+        );
+        let recipients_refused = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "recipients_refused",
+            "Recipients a relay refused while others of the same job were taken, by kind \
+             (permanent: dead-lettered alone; temporary: retried alone)",
+            recipients_refused.clone(),
+        );
+        let jobs_ambiguous = Counter::default();
+        registry.register(
+            "jobs_ambiguous",
+            "Sends whose outcome is unknown: the message was sent, then the connection dropped or \
+             timed out before the relay's verdict",
+            jobs_ambiguous.clone(),
         );
         let broker_connected = Gauge::default();
         registry.register(
@@ -172,6 +232,11 @@ impl Metrics {
             smtp_send_duration,
             smtp_sessions_open,
             smtp_stale_connections,
+            relay_overloads,
+            relay_window,
+            relay_healthy,
+            recipients_refused,
+            jobs_ambiguous,
             broker_connected,
             possible_duplicates,
             jobs_redelivered,
@@ -195,6 +260,31 @@ impl Metrics {
                 kind: kind.as_str(),
             })
             .inc();
+    }
+
+    /// The handles of one relay's metrics.
+    pub fn relay(&self, relay: &str) -> RelayMetrics {
+        let label = RelayLabel {
+            relay: relay.to_string(),
+        };
+        let outcome = |outcome| {
+            self.smtp_send_duration
+                .get_or_create(&RelayOutcomeLabel {
+                    relay: relay.to_string(),
+                    outcome,
+                })
+                .clone()
+        };
+        RelayMetrics {
+            delivered: outcome("delivered"),
+            rejected: outcome("rejected"),
+            failed: outcome("failed"),
+            sessions_open: self.smtp_sessions_open.get_or_create(&label).clone(),
+            stale_connections: self.smtp_stale_connections.get_or_create(&label).clone(),
+            overloads: self.relay_overloads.get_or_create(&label).clone(),
+            window: self.relay_window.get_or_create(&label).clone(),
+            healthy: self.relay_healthy.get_or_create(&label).clone(),
+        }
     }
 
     pub fn retried(&self, attempt: u32) {

@@ -13,12 +13,17 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, Span, field};
 
-use crate::amqp::{FailureHeaders, Publisher, Topology, attempts_made, republish_properties};
+use lettre::address::Envelope;
+
+use crate::amqp::headers;
+use crate::amqp::{
+    FailureHeaders, Publisher, Topology, attempts_made, header_text, republish_properties, rfc3339,
+};
 use crate::job::{self, Limits};
 use crate::message::{self, MessageDefaults};
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabel, Metrics};
 use crate::policy::{Decision, ErrorKind, Outcome, Schedule};
-use crate::smtp::{FailureClass, Relay};
+use crate::smtp::{FailureClass, Refusal, RelaySet, Sent};
 
 /// Pause before handing a job back when its retry or dead letter could not be published, so
 /// that a broker refusing publishes is not hammered by the same jobs in a tight loop.
@@ -26,12 +31,14 @@ const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
 /// What every job needs, shared by all of them.
 pub struct Worker {
-    pub relay: Relay,
+    pub relays: RelaySet,
     pub publisher: Publisher,
     pub topology: Topology,
     pub schedule: Schedule,
     pub limits: Limits,
     pub defaults: MessageDefaults,
+    /// `retry.max_age`: a job unsent this long after its first failure is not sent late.
+    pub max_age: Option<Duration>,
     pub metrics: Arc<Metrics>,
     pub events: broadcast::Sender<JobEvent>,
     pub settled: RecentlySettled,
@@ -51,6 +58,8 @@ pub struct JobEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOutcome {
     Delivered,
+    /// Delivered to some recipients; the others were retried or dead-lettered on their own.
+    PartlyDelivered,
     /// Republished to a retry queue (confirmed) and acked.
     Retried,
     /// Republished to the dead-letter queue (confirmed) and acked.
@@ -65,9 +74,9 @@ pub enum JobOutcome {
 
 /// How one attempt ended.
 enum Attempt {
-    Delivered {
-        relay_reply: String,
-    },
+    /// The relay answered for each recipient: some, all or none took the message.
+    Sent { sent: Sent, relay: String },
+    /// Nothing was sent (or, ambiguous, nobody knows).
     Failed {
         outcome: Outcome,
         error: String,
@@ -78,13 +87,20 @@ enum Attempt {
 }
 
 impl Attempt {
-    fn invalid(reason: impl ToString) -> Self {
+    fn failed(outcome: Outcome, reason: impl ToString) -> Self {
         Attempt::Failed {
-            outcome: Outcome::Invalid,
+            outcome,
             error: reason.to_string(),
             smtp_code: None,
         }
     }
+}
+
+/// One republish a settlement needs: where, and with which headers.
+struct Republish<'a> {
+    queue: &'a str,
+    failure: FailureHeaders,
+    delay: Option<Duration>,
 }
 
 impl Worker {
@@ -130,21 +146,17 @@ impl Worker {
                 }
                 // Boxed: the send's state machine is kilobytes, and a task's future is copied
                 // several times when spawned; this way the task keeps only a pointer.
-                let attempt = Box::pin(self.attempt(&delivery.data, &mut job_id, &abandon));
+                let attempt = Box::pin(self.attempt(&delivery, &mut job_id, &abandon));
                 let attempt = match guarded(attempt).await {
                     Ok(attempt) => attempt,
                     // A bug must cost this job an attempt, not the worker its life.
-                    Err(panic) => Attempt::Failed {
-                        outcome: Outcome::Transient,
-                        error: format!("internal error while handling the job: {panic}"),
-                        smtp_code: None,
-                    },
+                    Err(panic) => Attempt::failed(
+                        Outcome::Transient,
+                        format!("internal error while handling the job: {panic}"),
+                    ),
                 };
                 let settled = Box::pin(self.settle(&delivery, attempts_before, attempt)).await;
-                if matches!(
-                    settled,
-                    JobOutcome::Delivered | JobOutcome::Retried | JobOutcome::DeadLettered(_)
-                ) {
+                if !matches!(settled, JobOutcome::Requeued | JobOutcome::Abandoned) {
                     self.settled.insert(key);
                 }
                 settled
@@ -163,33 +175,53 @@ impl Worker {
 
     async fn attempt(
         &self,
-        body: &[u8],
+        delivery: &Delivery,
         job_id: &mut Option<String>,
         abandon: &CancellationToken,
     ) -> Attempt {
+        let body = &delivery.data;
         let job = match job::decode(body, &self.limits) {
             Ok(job) => job,
-            Err(invalid) => return Attempt::invalid(invalid),
+            Err(invalid) => return Attempt::failed(Outcome::Invalid, invalid),
         };
         if let Some(id) = &job.id {
             Span::current().record("job_id", id.as_str());
             *job_id = Some(id.clone());
         }
-        let out = match message::build(&job, body, &self.defaults) {
+        if let Some(reason) = self.expired(&job, &delivery.properties) {
+            return Attempt::failed(Outcome::Expired, reason);
+        }
+        let mut out = match message::build(&job, body, &self.defaults) {
             Ok(out) => out,
-            Err(invalid) => return Attempt::invalid(invalid),
+            Err(invalid) => return Attempt::failed(Outcome::Invalid, invalid),
         };
-        match self.relay.send(&out, abandon).await {
-            Ok(accepted) => Attempt::Delivered {
-                relay_reply: accepted.reply,
-            },
+        if let Some(list) = header_text(&delivery.properties, headers::RECIPIENTS) {
+            match narrowed(&out.envelope, &list) {
+                Ok(envelope) => out.envelope = envelope,
+                Err(reason) => return Attempt::failed(Outcome::Invalid, reason),
+            }
+        }
+        let (result, relay) = self.relays.send(&out, abandon).await;
+        match result {
+            Ok(sent) => Attempt::Sent { sent, relay },
             Err(error) => {
                 let outcome = match error.class {
                     FailureClass::Abandoned => return Attempt::Abandoned,
                     FailureClass::Permanent => Outcome::Rejected,
+                    FailureClass::Transient | FailureClass::Timeout if error.is_ambiguous() => {
+                        self.metrics.jobs_ambiguous.inc();
+                        tracing::warn!(
+                            relay = %relay,
+                            error = %error,
+                            "the message was sent but the relay's verdict never came: it may \
+                             have been delivered"
+                        );
+                        Outcome::Ambiguous
+                    }
                     FailureClass::Transient | FailureClass::Timeout => Outcome::Transient,
                     FailureClass::Auth => {
                         tracing::error!(
+                            relay = %relay,
                             error = %error,
                             "the relay refused our authentication; check smtp.username and the \
                              password. Jobs are retried, not dead-lettered"
@@ -206,6 +238,30 @@ impl Worker {
         }
     }
 
+    /// Why the job must not be sent any more, if it must not: past the producer's `not_after`,
+    /// or `retry.max_age` after its first failure.
+    fn expired(&self, job: &job::Job, properties: &lapin::BasicProperties) -> Option<String> {
+        let now = SystemTime::now();
+        if let Some(not_after) = job.not_after
+            && now > not_after
+        {
+            return Some(format!(
+                "not sent: past the job's not_after ({})",
+                rfc3339(not_after)
+            ));
+        }
+        let max_age = self.max_age?;
+        let first = header_text(properties, headers::FIRST_FAILED_AT)?;
+        let first = humantime::parse_rfc3339_weak(&first).ok()?;
+        (now.duration_since(first).ok()? > max_age).then(|| {
+            format!(
+                "not sent: first failed at {} and retry.max_age = {} has passed",
+                rfc3339(first),
+                crate::config::duration::format(max_age)
+            )
+        })
+    }
+
     /// Settles the delivery exactly once and says how.
     async fn settle(
         &self,
@@ -213,49 +269,153 @@ impl Worker {
         attempts_before: u32,
         attempt: Attempt,
     ) -> JobOutcome {
-        let (outcome, error, smtp_code) = match attempt {
+        match attempt {
             Attempt::Abandoned => {
                 tracing::info!(
                     outcome = "abandoned",
                     "stopped before sending; the broker will deliver the job again"
                 );
                 self.metrics.jobs_abandoned.inc();
-                return JobOutcome::Abandoned;
+                JobOutcome::Abandoned
             }
-            Attempt::Delivered { relay_reply } => {
-                tracing::info!(outcome = "delivered", %relay_reply, "delivered");
+            Attempt::Sent { sent, relay } if sent.refused.is_empty() => {
+                tracing::info!(
+                    outcome = "delivered",
+                    relay = %relay,
+                    relay_reply = sent.reply.as_deref().unwrap_or(""),
+                    "delivered"
+                );
                 self.metrics.jobs_delivered.inc();
                 self.ack(delivery).await;
-                return JobOutcome::Delivered;
+                JobOutcome::Delivered
+            }
+            Attempt::Sent { sent, relay } => {
+                self.settle_split(delivery, attempts_before, sent, &relay)
+                    .await
             }
             Attempt::Failed {
                 outcome,
                 error,
                 smtp_code,
-            } => (outcome, error, smtp_code),
-        };
-        let (attempt, kind, queue, delay) = match self.schedule.decide(outcome, attempts_before) {
-            // The schedule acks only deliveries; were that ever to change, the safe side is to
-            // hand the job back rather than ack a failure.
-            Decision::Ack => {
-                tracing::error!(
-                    "internal: a failed attempt was decided as delivered; handing it back"
-                );
-                self.requeue(delivery).await;
-                return JobOutcome::Requeued;
-            }
-            Decision::Retry { attempt, delay } => match self.topology.retry_queue(delay) {
-                Some(queue) => (attempt, ErrorKind::Transient, queue, Some(delay)),
-                None => {
-                    // Cannot happen: the retry queues are made from the same schedule.
-                    tracing::error!(
-                        ?delay,
-                        "no retry queue for this delay; handing the job back"
-                    );
+            } => {
+                let decision = self.schedule.decide(outcome, attempts_before);
+                let Some(republish) = self.republish_for(decision, error, smtp_code, None) else {
+                    // The schedule acks only deliveries; were that ever to change, the safe side
+                    // is to hand the job back rather than ack a failure.
+                    tracing::error!("internal: a failed attempt was decided as delivered");
                     self.requeue(delivery).await;
                     return JobOutcome::Requeued;
+                };
+                if !self.publish_all(delivery, &[republish]).await {
+                    return JobOutcome::Requeued;
                 }
-            },
+                self.ack(delivery).await;
+                match decision {
+                    Decision::Retry { .. } => JobOutcome::Retried,
+                    Decision::DeadLetter { kind, .. } => JobOutcome::DeadLettered(kind),
+                    Decision::Ack => JobOutcome::Delivered,
+                }
+            }
+        }
+    }
+
+    /// Some recipients refused: the taken ones have the message; those refused for good are
+    /// dead-lettered alone, those refused for now retried alone (each with the relay's reply).
+    async fn settle_split(
+        &self,
+        delivery: &Delivery,
+        attempts_before: u32,
+        sent: Sent,
+        relay: &str,
+    ) -> JobOutcome {
+        let (permanent, temporary): (Vec<Refusal>, Vec<Refusal>) =
+            sent.refused.into_iter().partition(|r| r.permanent);
+        let mut republishes = Vec::new();
+        let mut outcome = None;
+        for (refusals, kind_outcome) in [
+            (&permanent, Outcome::Rejected),
+            (&temporary, Outcome::Transient),
+        ] {
+            if refusals.is_empty() {
+                continue;
+            }
+            let decision = self.schedule.decide(kind_outcome, attempts_before);
+            let error = refusals
+                .iter()
+                .map(|r| format!("{}: {}", r.recipient, r.reply))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let list = refusals
+                .iter()
+                .map(|r| r.recipient.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            if let Some(republish) =
+                self.republish_for(decision, error, refusals[0].code, Some(list))
+            {
+                outcome.get_or_insert(match decision {
+                    Decision::Retry { .. } => JobOutcome::Retried,
+                    Decision::DeadLetter { kind, .. } => JobOutcome::DeadLettered(kind),
+                    Decision::Ack => JobOutcome::Delivered,
+                });
+                republishes.push(republish);
+            }
+        }
+        if !self.publish_all(delivery, &republishes).await {
+            if !sent.accepted.is_empty() {
+                tracing::error!(
+                    relay = %relay,
+                    "the refused recipients could not be recorded; the whole job goes back to \
+                     the queue, so the recipients that took it will get it again"
+                );
+            }
+            return JobOutcome::Requeued;
+        }
+        self.metrics
+            .recipients_refused
+            .get_or_create(&KindLabel { kind: "permanent" })
+            .inc_by(permanent.len() as u64);
+        self.metrics
+            .recipients_refused
+            .get_or_create(&KindLabel { kind: "temporary" })
+            .inc_by(temporary.len() as u64);
+        self.ack(delivery).await;
+        if sent.accepted.is_empty() {
+            return outcome.unwrap_or(JobOutcome::Requeued);
+        }
+        tracing::info!(
+            outcome = "partly-delivered",
+            relay = %relay,
+            delivered = sent.accepted.len(),
+            refused_for_good = permanent.len(),
+            refused_for_now = temporary.len(),
+            relay_reply = sent.reply.as_deref().unwrap_or(""),
+            "delivered to some recipients; the refused ones are handled on their own"
+        );
+        self.metrics.jobs_delivered.inc();
+        JobOutcome::PartlyDelivered
+    }
+
+    /// The republish a decision asks for, or `None` for an ack.
+    fn republish_for(
+        &self,
+        decision: Decision,
+        error: String,
+        smtp_code: Option<u16>,
+        recipients: Option<String>,
+    ) -> Option<Republish<'_>> {
+        let (attempt, kind, queue, delay) = match decision {
+            Decision::Ack => return None,
+            Decision::Retry {
+                attempt,
+                delay,
+                kind,
+            } => (
+                attempt,
+                kind,
+                self.topology.retry_queue(delay)?,
+                Some(delay),
+            ),
             Decision::DeadLetter { attempt, kind } => (
                 attempt,
                 kind,
@@ -263,55 +423,71 @@ impl Worker {
                 None,
             ),
         };
-        let failure = FailureHeaders {
-            attempt,
-            kind,
-            last_error: error.clone(),
-            smtp_code,
-            failed_at: SystemTime::now(),
-        };
-        let properties = republish_properties(&delivery.properties, &failure);
-        if let Err(publish_error) =
-            Box::pin(
-                self.publisher
-                    .publish("", queue, &delivery.data, properties),
-            )
-            .await
-        {
-            tracing::error!(
-                %publish_error, %error, queue,
-                "could not publish the job to {queue}; handing it back to the work queue"
-            );
-            self.requeue(delivery).await;
-            return JobOutcome::Requeued;
-        }
-        let settled = match delay {
-            Some(delay) => {
-                tracing::warn!(
-                    outcome = "retry",
-                    smtp_code,
-                    retry_in = %crate::config::duration::format(delay),
-                    queue,
-                    %error,
-                    "attempt failed; retrying later"
+        Some(Republish {
+            queue,
+            failure: FailureHeaders {
+                attempt,
+                kind,
+                last_error: error,
+                smtp_code,
+                failed_at: SystemTime::now(),
+                recipients,
+            },
+            delay,
+        })
+    }
+
+    /// Publishes every republish and waits for each confirm; on any failure the delivery is
+    /// handed back (false). Logs and counts what was published.
+    async fn publish_all(&self, delivery: &Delivery, republishes: &[Republish<'_>]) -> bool {
+        for republish in republishes {
+            let failure = &republish.failure;
+            let properties = republish_properties(&delivery.properties, failure);
+            let publish =
+                Box::pin(
+                    self.publisher
+                        .publish("", republish.queue, &delivery.data, properties),
                 );
-                self.metrics.retried(attempt);
-                JobOutcome::Retried
-            }
-            None => {
+            if let Err(publish_error) = publish.await {
                 tracing::error!(
-                    outcome = kind.as_str(),
-                    smtp_code,
-                    queue,
-                    reason = %error,
-                    "job dead-lettered"
+                    %publish_error,
+                    error = %failure.last_error,
+                    queue = republish.queue,
+                    "could not publish the job to {}; handing it back to the work queue",
+                    republish.queue
                 );
-                self.metrics.dead_lettered(kind);
-                JobOutcome::DeadLettered(kind)
+                self.requeue(delivery).await;
+                return false;
             }
-        };
-        self.ack(delivery).await;
-        settled
+            let recipients = failure.recipients.as_deref().unwrap_or("");
+            match republish.delay {
+                Some(delay) => {
+                    tracing::warn!(
+                        outcome = "retry",
+                        kind = failure.kind.as_str(),
+                        smtp_code = failure.smtp_code,
+                        retry_in = %crate::config::duration::format(delay),
+                        queue = republish.queue,
+                        recipients,
+                        error = %failure.last_error,
+                        "attempt failed; retrying later"
+                    );
+                    self.metrics.retried(failure.attempt);
+                }
+                None => {
+                    tracing::error!(
+                        outcome = failure.kind.as_str(),
+                        smtp_code = failure.smtp_code,
+                        queue = republish.queue,
+                        recipients,
+                        reason = %failure.last_error,
+                        "job dead-lettered"
+                    );
+                    self.metrics.dead_lettered(failure.kind);
+                }
+            }
+        }
+        true
     }
 
     async fn ack(&self, delivery: &Delivery) {
@@ -340,9 +516,28 @@ impl Worker {
     }
 }
 
+/// The envelope narrowed to the `recipients` header: each listed address must be one of the
+/// job's own recipients, so that the header cannot add one.
+fn narrowed(envelope: &Envelope, list: &str) -> Result<Envelope, String> {
+    let mut keep = Vec::new();
+    for text in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let found = envelope
+            .to()
+            .iter()
+            .find(|known| AsRef::<str>::as_ref(*known).eq_ignore_ascii_case(text))
+            .ok_or_else(|| {
+                format!("the recipients header names {text:?}, which is not a recipient of the job")
+            })?;
+        keep.push(found.clone());
+    }
+    Envelope::new(envelope.from().cloned(), keep)
+        .map_err(|e| format!("the recipients header leaves no recipient: {e}"))
+}
+
 fn outcome_name(outcome: JobOutcome) -> &'static str {
     match outcome {
         JobOutcome::Delivered => "delivered",
+        JobOutcome::PartlyDelivered => "partly-delivered",
         JobOutcome::Retried => "retry",
         JobOutcome::DeadLettered(kind) => kind.as_str(),
         JobOutcome::Requeued => "requeued",

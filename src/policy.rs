@@ -15,6 +15,10 @@ pub enum ErrorKind {
     Invalid,
     /// Transient failures until no attempt was left.
     Exhausted,
+    /// The message was sent and the relay's verdict never came: it may have been delivered.
+    Ambiguous,
+    /// Past its `not_after` time or `retry.max_age`: not sent late.
+    Expired,
 }
 
 impl ErrorKind {
@@ -24,14 +28,18 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected",
             ErrorKind::Invalid => "invalid",
             ErrorKind::Exhausted => "exhausted",
+            ErrorKind::Ambiguous => "ambiguous",
+            ErrorKind::Expired => "expired",
         }
     }
 
-    pub const ALL: [ErrorKind; 4] = [
+    pub const ALL: [ErrorKind; 6] = [
         ErrorKind::Transient,
         ErrorKind::Rejected,
         ErrorKind::Invalid,
         ErrorKind::Exhausted,
+        ErrorKind::Ambiguous,
+        ErrorKind::Expired,
     ];
 }
 
@@ -42,6 +50,9 @@ pub enum Outcome {
     Transient,
     Rejected,
     Invalid,
+    /// Sent, verdict unknown; retried or dead-lettered as `ambiguous_policy` says.
+    Ambiguous,
+    Expired,
 }
 
 /// What to do with the delivery.
@@ -50,7 +61,11 @@ pub enum Decision {
     /// Delivered: ack.
     Ack,
     /// Publish to the retry queue of `delay` with `attempt` attempts made, then ack.
-    Retry { attempt: u32, delay: Duration },
+    Retry {
+        attempt: u32,
+        delay: Duration,
+        kind: ErrorKind,
+    },
     /// Publish to the dead-letter queue, then ack.
     DeadLetter { attempt: u32, kind: ErrorKind },
 }
@@ -64,6 +79,8 @@ pub struct Schedule {
     multiplier: f64,
     max: Duration,
     max_attempts: u32,
+    /// Dead-letter an ambiguous send instead of retrying it.
+    ambiguous_dead_letter: bool,
 }
 
 impl Schedule {
@@ -73,7 +90,14 @@ impl Schedule {
             multiplier: config.multiplier,
             max: config.max_delay,
             max_attempts: config.max_attempts,
+            ambiguous_dead_letter: false,
         }
+    }
+
+    /// With `smtp.ambiguous = "dead-letter"`: an ambiguous send goes to a person, not a retry.
+    pub fn dead_letter_ambiguous(mut self, yes: bool) -> Self {
+        self.ambiguous_dead_letter = yes;
+        self
     }
 
     pub fn max_attempts(&self) -> u32 {
@@ -104,24 +128,26 @@ impl Schedule {
     /// The decision after an attempt, given how many attempts were made before it.
     pub fn decide(&self, outcome: Outcome, attempts_before: u32) -> Decision {
         let attempt = attempts_before.saturating_add(1);
+        let dead = |kind| Decision::DeadLetter { attempt, kind };
+        let retry = |kind| {
+            if attempt >= self.max_attempts {
+                dead(ErrorKind::Exhausted)
+            } else {
+                Decision::Retry {
+                    attempt,
+                    delay: self.delay_after(attempt),
+                    kind,
+                }
+            }
+        };
         match outcome {
             Outcome::Delivered => Decision::Ack,
-            Outcome::Rejected => Decision::DeadLetter {
-                attempt,
-                kind: ErrorKind::Rejected,
-            },
-            Outcome::Invalid => Decision::DeadLetter {
-                attempt,
-                kind: ErrorKind::Invalid,
-            },
-            Outcome::Transient if attempt >= self.max_attempts => Decision::DeadLetter {
-                attempt,
-                kind: ErrorKind::Exhausted,
-            },
-            Outcome::Transient => Decision::Retry {
-                attempt,
-                delay: self.delay_after(attempt),
-            },
+            Outcome::Rejected => dead(ErrorKind::Rejected),
+            Outcome::Invalid => dead(ErrorKind::Invalid),
+            Outcome::Expired => dead(ErrorKind::Expired),
+            Outcome::Ambiguous if self.ambiguous_dead_letter => dead(ErrorKind::Ambiguous),
+            Outcome::Ambiguous => retry(ErrorKind::Ambiguous),
+            Outcome::Transient => retry(ErrorKind::Transient),
         }
     }
 }
@@ -136,6 +162,7 @@ mod tests {
             multiplier,
             max_delay: Duration::from_millis(max_ms),
             max_attempts,
+            max_age: None,
         })
     }
 
@@ -145,6 +172,7 @@ mod tests {
         let secs = |n| Decision::Retry {
             attempt: n,
             delay: Duration::from_secs(10 * 2u64.pow(n - 1)),
+            kind: ErrorKind::Transient,
         };
         // attempts made before → decision after a transient failure
         let table = [
@@ -235,7 +263,8 @@ mod tests {
             s.decide(Outcome::Transient, 1),
             Decision::Retry {
                 attempt: 2,
-                delay: Duration::from_millis(200)
+                delay: Duration::from_millis(200),
+                kind: ErrorKind::Transient,
             }
         );
         assert_eq!(
@@ -243,6 +272,41 @@ mod tests {
             Decision::DeadLetter {
                 attempt: 3,
                 kind: ErrorKind::Exhausted
+            }
+        );
+    }
+
+    #[test]
+    fn ambiguous_follows_the_policy() {
+        let retry = schedule(100, 2.0, 1000, 3);
+        assert_eq!(
+            retry.decide(Outcome::Ambiguous, 0),
+            Decision::Retry {
+                attempt: 1,
+                delay: Duration::from_millis(100),
+                kind: ErrorKind::Ambiguous
+            }
+        );
+        assert_eq!(
+            retry.decide(Outcome::Ambiguous, 2),
+            Decision::DeadLetter {
+                attempt: 3,
+                kind: ErrorKind::Exhausted
+            }
+        );
+        let dead = schedule(100, 2.0, 1000, 3).dead_letter_ambiguous(true);
+        assert_eq!(
+            dead.decide(Outcome::Ambiguous, 0),
+            Decision::DeadLetter {
+                attempt: 1,
+                kind: ErrorKind::Ambiguous
+            }
+        );
+        assert_eq!(
+            dead.decide(Outcome::Expired, 4),
+            Decision::DeadLetter {
+                attempt: 5,
+                kind: ErrorKind::Expired
             }
         );
     }

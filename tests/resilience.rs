@@ -498,7 +498,7 @@ async fn relay_closing_idle_pooled_connections_costs_no_attempt() {
         "no attempt was burned:\n{text}"
     );
     assert_eq!(
-        metric(&text, "amqp_mailer_smtp_stale_connections_total"),
+        metric_sum(&text, "amqp_mailer_smtp_stale_connections_total", &[]),
         3.0,
         "{text}"
     );
@@ -537,6 +537,20 @@ async fn readiness_reports_relay_authentication_failure() {
         "still alive"
     );
     worker.stop().await.expect("clean stop");
+}
+
+/// The sum of a metric's samples over every label set holding all of `labels` (e.g. all relays).
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (series_name == name && labels.iter().all(|l| rest.contains(l)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum::<f64>()
+        + 0.0 // An empty sum is -0.
 }
 
 /// The value of one sample line of the Prometheus text format.
@@ -599,23 +613,25 @@ async fn metrics_endpoint_counts_what_happened() {
         ("amqp_mailer_jobs_in_flight", 0.0),
         ("amqp_mailer_broker_connected", 1.0),
         ("amqp_mailer_possible_duplicates_total", 0.0),
-        (
-            "amqp_mailer_smtp_send_duration_seconds_count{outcome=\"delivered\"}",
-            4.0,
-        ),
-        (
-            "amqp_mailer_smtp_send_duration_seconds_count{outcome=\"rejected\"}",
-            1.0,
-        ),
-        (
-            "amqp_mailer_smtp_send_duration_seconds_count{outcome=\"failed\"}",
-            1.0,
-        ),
     ];
     for (series, value) in expect {
         assert_eq!(metric(&text, series), value, "{series} in:\n{text}");
     }
-    let sessions = metric(&text, "amqp_mailer_smtp_sessions_open");
+    // Per relay: the one relay of this test is named after its address.
+    let relay = format!("relay=\"127.0.0.1:{}\"", smtp.port());
+    for (outcome, count) in [("delivered", 4.0), ("rejected", 1.0), ("failed", 1.0)] {
+        let outcome = format!("outcome=\"{outcome}\"");
+        assert_eq!(
+            metric_sum(
+                &text,
+                "amqp_mailer_smtp_send_duration_seconds_count",
+                &[&relay, &outcome]
+            ),
+            count,
+            "{outcome} sends in:\n{text}"
+        );
+    }
+    let sessions = metric_sum(&text, "amqp_mailer_smtp_sessions_open", &[&relay]);
     assert!((1.0..=4.0).contains(&sessions), "sessions open {sessions}");
     assert!(
         text.contains("# TYPE amqp_mailer_smtp_send_duration_seconds histogram"),

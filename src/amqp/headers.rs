@@ -14,6 +14,10 @@ pub const LAST_ERROR: &str = "last-error";
 pub const SMTP_CODE: &str = "smtp-code";
 pub const FIRST_FAILED_AT: &str = "first-failed-at";
 pub const FAILED_AT: &str = "failed-at";
+/// The envelope of a job sent to only some of its recipients (comma-separated addresses): the
+/// others already have it, or are in another retry or dead letter. The message's own To and Cc
+/// stay as the producer wrote them.
+pub const RECIPIENTS: &str = "recipients";
 
 /// The headers written on a job that failed an attempt.
 #[derive(Debug, Clone)]
@@ -24,6 +28,8 @@ pub struct FailureHeaders {
     pub last_error: String,
     pub smtp_code: Option<u16>,
     pub failed_at: SystemTime,
+    /// Only these recipients from now on; `None` keeps the delivery's own.
+    pub recipients: Option<String>,
 }
 
 /// Attempts made before this delivery, from our `attempt` header (0 when absent). Accepts any
@@ -100,6 +106,9 @@ pub fn republish_properties(
     }
     headers.insert(FIRST_FAILED_AT.into(), long(&first_failed_at));
     headers.insert(FAILED_AT.into(), long(&failed_at));
+    if let Some(recipients) = &failure.recipients {
+        headers.insert(RECIPIENTS.into(), long(recipients));
+    }
     rebuild(original, headers)
 }
 
@@ -234,6 +243,7 @@ mod tests {
                 last_error: "connection refused".into(),
                 smtp_code: None,
                 failed_at: SystemTime::UNIX_EPOCH,
+                recipients: None,
             },
         );
         let h = props.headers().as_ref().expect("headers").inner();

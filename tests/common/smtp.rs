@@ -61,6 +61,8 @@ pub struct Rule {
     pub action: Action,
     /// Apply to the first N matches only; `None` = always.
     pub times: Option<usize>,
+    /// Apply to every N-th match only (the N-th, 2N-th, …); `None` = each one.
+    pub every: Option<usize>,
 }
 
 impl Rule {
@@ -70,6 +72,7 @@ impl Rule {
             matching: None,
             action,
             times: None,
+            every: None,
         }
     }
     pub fn times(n: usize, cmd: Cmd, action: Action) -> Rule {
@@ -80,6 +83,11 @@ impl Rule {
     }
     pub fn matching(mut self, needle: impl Into<String>) -> Rule {
         self.matching = Some(needle.into());
+        self
+    }
+    /// Only every `n`-th matching command gets the action, e.g. every second connection.
+    pub fn every(mut self, n: usize) -> Rule {
+        self.every = Some(n.max(1));
         self
     }
 }
@@ -185,16 +193,24 @@ impl Shared {
     fn take_action(&self, cmd: Cmd, subject: &[u8]) -> Option<Action> {
         let subject = subject.to_ascii_lowercase();
         let mut config = self.config();
-        let (rule, used) = config.rules.iter_mut().find(|(rule, used)| {
-            rule.cmd == cmd
+        for (rule, used) in config.rules.iter_mut() {
+            let matches = rule.cmd == cmd
                 && rule.times.is_none_or(|n| *used < n)
                 && rule.matching.as_ref().is_none_or(|m| {
                     let m = m.to_ascii_lowercase().into_bytes();
                     m.is_empty() || subject.windows(m.len()).any(|w| w == m)
-                })
-        })?;
-        *used += 1;
-        Some(rule.action.clone())
+                });
+            if !matches {
+                continue;
+            }
+            *used += 1;
+            match rule.every {
+                // Counted, but only every n-th match acts; the others fall through.
+                Some(n) if *used % n != 0 => continue,
+                _ => return Some(rule.action.clone()),
+            }
+        }
+        None
     }
 }
 

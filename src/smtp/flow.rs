@@ -1,0 +1,257 @@
+//! Relay-aware flow control: a smooth rate limit, and a concurrency window that halves when the
+//! relay says it is overloaded and grows back one step at a time (AIMD, as TCP does).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// At most `rate` messages per second, evenly spaced: a send waits for its slot, so there is
+/// never a burst at a second boundary (GCRA with a burst of one).
+#[derive(Debug)]
+pub struct RateLimit {
+    interval: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl RateLimit {
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the next slot. Slots are taken in call order; a slot not used is not saved.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let slot = match *next {
+                Some(at) if at > now => at,
+                _ => now,
+            };
+            *next = Some(slot + self.interval);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// How many sends may be in flight to a relay, adjusted to what the relay says.
+#[derive(Debug)]
+pub struct Window {
+    max: usize,
+    state: Mutex<WindowState>,
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct WindowState {
+    limit: usize,
+    in_flight: usize,
+    /// Successes since the last change; the window grows by one after `limit` of them.
+    successes: usize,
+    /// No second halving within this time: one overload burst is one signal.
+    calm_until: Option<Instant>,
+}
+
+/// A send's place in the window; give it back with `done`.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    window: &'a Window,
+    settled: bool,
+}
+
+impl Window {
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Self {
+            max,
+            state: Mutex::new(WindowState {
+                limit: max,
+                in_flight: 0,
+                successes: 0,
+                calm_until: None,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> usize {
+        self.lock().limit
+    }
+
+    /// Waits for room in the window.
+    pub async fn acquire(&self) -> Slot<'_> {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut state = self.lock();
+                if state.in_flight < state.limit {
+                    state.in_flight += 1;
+                    return Slot {
+                        window: self,
+                        settled: false,
+                    };
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn release(&self, outcome: Option<bool>) {
+        let mut state = self.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        match outcome {
+            Some(true) => {
+                state.successes += 1;
+                if state.successes >= state.limit && state.limit < self.max {
+                    state.limit += 1;
+                    state.successes = 0;
+                }
+            }
+            Some(false) => {
+                let now = Instant::now();
+                if state.calm_until.is_none_or(|until| now >= until) {
+                    state.limit = (state.limit / 2).max(1);
+                    state.successes = 0;
+                    // Sends already in flight may still report the same overload.
+                    state.calm_until = Some(now + Duration::from_secs(1));
+                }
+            }
+            None => {}
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+}
+
+impl Slot<'_> {
+    /// The send went through: the window may grow.
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        self.window.release(Some(true));
+    }
+
+    /// The relay said it is overloaded: the window halves.
+    pub fn overloaded(mut self) {
+        self.settled = true;
+        self.window.release(Some(false));
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.window.release(None);
+        }
+    }
+}
+
+/// Whether a reply says the relay is overloaded: 421 (closing, often "too many connections"), or
+/// a 4xx whose text speaks of rates, limits or too many of something.
+pub fn is_overload(code: Option<u16>, text: &str) -> bool {
+    match code {
+        Some(421) => true,
+        Some(400..=499) => {
+            let text = text.to_ascii_lowercase();
+            [
+                "rate",
+                "too many",
+                "throttl",
+                "slow down",
+                "limit exceeded",
+                "try again later",
+            ]
+            .iter()
+            .any(|word| text.contains(word))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spaces_sends_evenly() {
+        let limit = RateLimit::new(20.0);
+        let start = Instant::now();
+        let mut at = Vec::new();
+        for _ in 0..5 {
+            limit.acquire().await;
+            at.push(start.elapsed());
+        }
+        let ms: Vec<u128> = at.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [0, 50, 100, 150, 200]);
+        // Idle time is not saved up for a burst later.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = start.elapsed();
+        limit.acquire().await;
+        limit.acquire().await;
+        assert_eq!((start.elapsed() - before).as_millis(), 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_halves_on_overload_and_grows_back() {
+        let window = Window::new(8);
+        assert_eq!(window.limit(), 8);
+        window.acquire().await.overloaded();
+        assert_eq!(window.limit(), 4);
+        // A second signal in the same burst does not halve again.
+        window.acquire().await.overloaded();
+        assert_eq!(window.limit(), 4);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        window.acquire().await.overloaded();
+        assert_eq!(window.limit(), 2);
+        // Grows by one after `limit` successes.
+        for _ in 0..2 {
+            window.acquire().await.succeeded();
+        }
+        assert_eq!(window.limit(), 3);
+        for _ in 0..3 {
+            window.acquire().await.succeeded();
+        }
+        assert_eq!(window.limit(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_makes_sends_wait_for_room() {
+        let window = std::sync::Arc::new(Window::new(1));
+        let first = window.acquire().await;
+        let waiter = {
+            let window = window.clone();
+            tokio::spawn(async move {
+                let _slot = window.acquire().await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !waiter.is_finished(),
+            "no room while the first send is in flight"
+        );
+        drop(first);
+        waiter.await.expect("got room");
+    }
+
+    #[test]
+    fn overload_replies() {
+        assert!(is_overload(Some(421), "4.7.0 too many connections"));
+        assert!(is_overload(
+            Some(450),
+            "4.7.1 Rate limit exceeded, slow down"
+        ));
+        assert!(is_overload(Some(451), "Too many messages"));
+        assert!(!is_overload(Some(451), "4.3.0 temporary failure"));
+        assert!(!is_overload(Some(550), "rate limit"));
+        assert!(!is_overload(None, "rate"));
+    }
+}

@@ -1,0 +1,405 @@
+//! One relay: its pool of sessions, its limits (rate, connections, the overload window), its
+//! health, and a deadline on every send.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::connect::{Connector, TlsSetupError};
+use super::flow::{RateLimit, Window, is_overload};
+use super::transaction::{Sent, abandoned, transaction};
+use super::{FailureClass, SendError, Stage, StageCell};
+use crate::config::SmtpConfig;
+use crate::message::Outgoing;
+use crate::metrics::RelayMetrics;
+
+/// A pooled SMTP session. Holds one of the relay's session permits while it lives.
+struct Session {
+    conn: AsyncSmtpConnection,
+    /// The relay offered PIPELINING.
+    pipelining: bool,
+    last_used: Instant,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Session {
+    fn new(
+        (conn, pipelining): (AsyncSmtpConnection, bool),
+        permit: OwnedSemaphorePermit,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        gauge.inc();
+        Self {
+            conn,
+            pipelining,
+            last_used: Instant::now(),
+            gauge,
+            _permit: permit,
+        }
+    }
+
+    /// Says QUIT and closes, without waiting long on a relay that does not answer.
+    async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.abort()).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Limits and health settings of a relay.
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    /// Sessions open at once (and the largest overload window).
+    pub max_connections: usize,
+    /// Idle sessions kept.
+    pub max_idle: usize,
+    /// Messages per second, evenly spaced; `None` for no limit.
+    pub rate: Option<f64>,
+    pub flow_control: bool,
+    pub overload_retries: u32,
+    pub failures_to_cooldown: u32,
+    pub cooldown: Duration,
+}
+
+/// A relay: where to connect, how, and the pool of sessions to it.
+pub struct Relay {
+    name: String,
+    weight: u32,
+    connector: Connector,
+    /// One permit per open session: never more than `max_connections` open at once.
+    sessions: Arc<Semaphore>,
+    idle: Mutex<Vec<Session>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    deadline: Duration,
+    rate: Option<RateLimit>,
+    window: Window,
+    flow_control: bool,
+    overload_retries: u32,
+    failures: AtomicU32,
+    failures_to_cooldown: u32,
+    cooldown: Duration,
+    cooling_until: Mutex<Option<Instant>>,
+    auth_failing: AtomicBool,
+    metrics: RelayMetrics,
+}
+
+impl Relay {
+    /// Prepares the relay (TLS settings, credentials); opens no connection.
+    pub fn new(
+        name: String,
+        weight: u32,
+        config: &SmtpConfig,
+        limits: RelayLimits,
+        metrics: RelayMetrics,
+    ) -> Result<Self, TlsSetupError> {
+        metrics.window.set(limits.max_connections as i64);
+        metrics.healthy.set(1);
+        Ok(Self {
+            name,
+            weight: weight.max(1),
+            connector: Connector::new(config)?,
+            sessions: Arc::new(Semaphore::new(limits.max_connections)),
+            idle: Mutex::new(Vec::new()),
+            max_idle: limits.max_idle,
+            idle_timeout: config.pool_idle_timeout,
+            deadline: config.timeout,
+            rate: limits.rate.map(RateLimit::new),
+            window: Window::new(limits.max_connections),
+            flow_control: limits.flow_control,
+            overload_retries: limits.overload_retries,
+            failures: AtomicU32::new(0),
+            failures_to_cooldown: limits.failures_to_cooldown.max(1),
+            cooldown: limits.cooldown,
+            cooling_until: Mutex::new(None),
+            auth_failing: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// One line for the start-up log.
+    pub fn describe(&self) -> String {
+        self.connector.describe()
+    }
+
+    /// True after an authentication failure, until a session authenticates again.
+    pub fn auth_failing(&self) -> bool {
+        self.auth_failing.load(Ordering::Relaxed)
+    }
+
+    /// False while the relay cools down after repeated failures.
+    pub fn healthy(&self) -> bool {
+        let mut until = self.cooling_until.lock().unwrap_or_else(|e| e.into_inner());
+        match *until {
+            Some(at) if Instant::now() < at => false,
+            Some(_) => {
+                // Cooled down: give it another chance (one failure puts it back).
+                *until = None;
+                self.metrics.healthy.set(1);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// When the relay will be tried again, if it is cooling down.
+    pub fn cooling_until(&self) -> Option<Instant> {
+        *self.cooling_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record_health(&self, result: &Result<Sent, SendError>) {
+        match result {
+            Ok(_) => {
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            Err(e) if is_relay_failure(e) => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= self.failures_to_cooldown {
+                    let mut until = self.cooling_until.lock().unwrap_or_else(|e| e.into_inner());
+                    if until.is_none() {
+                        tracing::warn!(
+                            relay = %self.name,
+                            failures,
+                            cooldown = ?self.cooldown,
+                            error = %e,
+                            "relay failing; skipping it for a while"
+                        );
+                    }
+                    *until = Some(Instant::now() + self.cooldown);
+                    self.metrics.healthy.set(0);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Sends one message: waits for the rate limit and the overload window, then sends within
+    /// the deadline (`smtp.timeout`). An overload reply makes the job wait its turn again instead
+    /// of failing, `overload_retries` times at most. Once `abandon` is cancelled, a send that has
+    /// not yet started writing the message gives up.
+    pub async fn send(
+        &self,
+        out: &Outgoing,
+        abandon: &CancellationToken,
+    ) -> Result<Sent, SendError> {
+        let mut overloads = 0;
+        loop {
+            if let Some(rate) = &self.rate {
+                rate.acquire().await;
+            }
+            let slot = self.window.acquire().await;
+            let result = self.send_once(out, abandon).await;
+            match &result {
+                Ok(_) => slot.succeeded(),
+                Err(e)
+                    if self.flow_control
+                        && !e.is_ambiguous()
+                        && e.class != FailureClass::Abandoned
+                        && is_overload(e.code, &e.message) =>
+                {
+                    slot.overloaded();
+                    self.metrics.overloads.inc();
+                    self.metrics.window.set(self.window.limit() as i64);
+                    if overloads < self.overload_retries {
+                        overloads += 1;
+                        tracing::debug!(relay = %self.name, error = %e, "relay overloaded; slowing down");
+                        continue;
+                    }
+                }
+                Err(_) => drop(slot),
+            }
+            self.metrics.window.set(self.window.limit() as i64);
+            self.record_health(&result);
+            return result;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        out: &Outgoing,
+        abandon: &CancellationToken,
+    ) -> Result<Sent, SendError> {
+        let started = Instant::now();
+        let stage = StageCell::new();
+        let send = self.send_inner(out, &stage, abandon);
+        let result = match tokio::time::timeout(self.deadline, send).await {
+            Ok(result) => result,
+            // The cancelled send's session was dropped, never returned to the pool half-done.
+            Err(_) => Err(SendError::new(
+                FailureClass::Timeout,
+                None,
+                format!(
+                    "no answer from {} within smtp.timeout = {:?}",
+                    self.connector.endpoint(),
+                    self.deadline
+                ),
+                stage.get(),
+            )),
+        };
+        let histogram = match &result {
+            Ok(sent) if !sent.accepted.is_empty() => &self.metrics.delivered,
+            Ok(sent) if sent.refused.iter().all(|r| r.permanent) => &self.metrics.rejected,
+            Ok(_) => &self.metrics.failed,
+            Err(e) if e.class == FailureClass::Abandoned => return result,
+            Err(e) if e.class == FailureClass::Permanent => &self.metrics.rejected,
+            Err(_) => &self.metrics.failed,
+        };
+        histogram.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Err(e) if e.class == FailureClass::Auth => {
+                self.auth_failing.store(true, Ordering::Relaxed)
+            }
+            Ok(_) => self.auth_failing.store(false, Ordering::Relaxed),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        out: &Outgoing,
+        stage: &StageCell,
+        abandon: &CancellationToken,
+    ) -> Result<Sent, SendError> {
+        // A pooled session may have been closed by the relay while idle; that shows at MAIL
+        // FROM, before anything about the message was said. One fresh session is tried then.
+        let mut fresh_only = false;
+        loop {
+            if abandon.is_cancelled() {
+                return Err(abandoned(stage.get()));
+            }
+            let (mut session, reused) = self.checkout(stage, fresh_only).await?;
+            match transaction(&mut session.conn, session.pipelining, out, stage, abandon).await {
+                Ok((sent, reusable)) => {
+                    if reusable {
+                        session.last_used = Instant::now();
+                        self.checkin(session);
+                    }
+                    return Ok(sent);
+                }
+                Err(failure) if reused && !fresh_only && failure.stale_session => {
+                    tracing::debug!(error = %failure.error, "pooled SMTP session was closed by the relay; opening a new one");
+                    self.metrics.stale_connections.inc();
+                    drop(session);
+                    fresh_only = true;
+                }
+                Err(failure) => {
+                    if failure.session_reusable {
+                        session.last_used = Instant::now();
+                        self.checkin(session);
+                    }
+                    return Err(failure.error);
+                }
+            }
+        }
+    }
+
+    async fn checkout(
+        &self,
+        stage: &StageCell,
+        fresh_only: bool,
+    ) -> Result<(Session, bool), SendError> {
+        if !fresh_only {
+            loop {
+                let candidate = self.lock_idle().pop();
+                match candidate {
+                    Some(session) if session.last_used.elapsed() < self.idle_timeout => {
+                        return Ok((session, true));
+                    }
+                    // Past our idle timeout: the relay may be about to close it; don't risk it.
+                    Some(expired) => {
+                        tokio::spawn(expired.quit());
+                    }
+                    None => break,
+                }
+            }
+        }
+        let permit = match self.sessions.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => {
+                return Err(SendError::new(
+                    FailureClass::Transient,
+                    None,
+                    "the SMTP pool is shut down".into(),
+                    Stage::Connect,
+                ));
+            }
+        };
+        let conn = self.connector.connect(stage).await?;
+        Ok((
+            Session::new(conn, permit, self.metrics.sessions_open.clone()),
+            false,
+        ))
+    }
+
+    fn checkin(&self, session: Session) {
+        let mut idle = self.lock_idle();
+        if idle.len() < self.max_idle && !self.sessions.is_closed() {
+            idle.push(session);
+        } else {
+            drop(idle);
+            tokio::spawn(session.quit());
+        }
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Closes (QUIT) the sessions idle longer than `smtp.pool_idle_timeout`. Called periodically.
+    pub async fn reap_idle(&self) {
+        let expired: Vec<Session> = {
+            let mut idle = self.lock_idle();
+            let (keep, expired) = idle
+                .drain(..)
+                .partition(|s: &Session| s.last_used.elapsed() < self.idle_timeout);
+            *idle = keep;
+            expired
+        };
+        futures_util::future::join_all(expired.into_iter().map(Session::quit)).await;
+    }
+
+    /// Stops opening sessions and closes the idle ones with QUIT. Sends in flight finish first
+    /// (the caller waits for them); their sessions are closed when they come back.
+    pub async fn close(&self) {
+        self.sessions.close();
+        let idle: Vec<Session> = self.lock_idle().drain(..).collect();
+        futures_util::future::join_all(idle.into_iter().map(Session::quit)).await;
+    }
+}
+
+/// A failure that says something about the relay, not the message: it could not be reached,
+/// secured, logged into, or it is closing or not answering before the message was sent.
+pub fn is_relay_failure(error: &SendError) -> bool {
+    match error.class {
+        FailureClass::Permanent | FailureClass::Abandoned => false,
+        FailureClass::Auth => true,
+        FailureClass::Transient | FailureClass::Timeout => {
+            matches!(
+                error.stage,
+                Stage::Connect | Stage::Tls | Stage::Greeting | Stage::Auth
+            ) || error.code == Some(421)
+                || (error.class == FailureClass::Timeout && error.stage != Stage::DataEnd)
+        }
+    }
+}
