@@ -211,8 +211,9 @@ async fn every_second_connection_refused(flow_control: bool) -> (f64, f64) {
     .await;
     let mut config = test_config(&broker, smtp.port());
     config.smtp.flow_control = flow_control;
-    // Sessions expire at once, so that every job opens a connection.
-    config.smtp.pool_idle_timeout = Duration::from_millis(1);
+    // A session is never reused (idle for 0 ms is already too long), so that every job opens
+    // its own connection and meets the every-second-connection rule.
+    config.smtp.pool_idle_timeout = Duration::ZERO;
     config.retry.initial_delay = Duration::from_millis(100);
     config.retry.max_attempts = 20;
     let worker = RunningWorker::start(&broker, config).await;
