@@ -1,0 +1,7 @@
+//! Structure-aware: the bytes choose a hostile but well-formed job (tests/common/hostile.rs),
+//! which is decoded, built and checked. See tests/common/targets.rs.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    amqp_mailer_fuzz::targets::build_message(data);
+});
