@@ -133,8 +133,27 @@ fn base64_body(content: &[u8]) -> Result<Body, InvalidJob> {
 
 /// A body with every line break CRLF. lettre turns a bare LF into CRLF but leaves a bare CR, and
 /// a bare CR (or LF) in the data is what SMTP smuggling is made of: relays read them differently.
+///
+/// Written out as CRLF here, in one pass: lettre would otherwise insert each CR into the string one
+/// at a time, which costs a copy of the rest of the body per line.
 fn crlf(text: &str) -> String {
-    text.replace("\r\n", "\n").replace('\r', "\n")
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + text.len() / 32 + 2);
+    let mut start = 0;
+    for at in memchr::memchr2_iter(b'\r', b'\n', bytes) {
+        if at < start {
+            continue; // the LF of a CRLF already written
+        }
+        out.push_str(&text[start..at]);
+        out.push_str("\r\n");
+        start = if bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n') {
+            at + 2
+        } else {
+            at + 1
+        };
+    }
+    out.push_str(&text[start..]);
+    out
 }
 
 /// The subject as lettre writes it, unless it holds what a mail client would decode as an RFC 2047
@@ -430,6 +449,17 @@ mod tests {
             started.elapsed()
         );
         assert!(lines(&out).iter().all(|l| l.len() <= 998));
+    }
+
+    #[test]
+    fn crlf_turns_every_kind_of_line_break_into_one_crlf() {
+        assert_eq!(crlf(""), "");
+        assert_eq!(crlf("plain"), "plain");
+        assert_eq!(crlf("a\nb"), "a\r\nb");
+        assert_eq!(crlf("a\r\nb"), "a\r\nb");
+        assert_eq!(crlf("a\rb"), "a\r\nb");
+        assert_eq!(crlf("\n\r\r\n\n\r"), "\r\n\r\n\r\n\r\n\r\n");
+        assert_eq!(crlf("é\rü\n"), "é\r\nü\r\n");
     }
 
     /// Regression (fuzz/regressions/decode_job/bare-cr-in-body.json): lettre turns a bare LF into
