@@ -99,14 +99,7 @@ impl LimitChoice {
     pub fn limits(self) -> Limits {
         match self {
             LimitChoice::Default => Limits::default(),
-            LimitChoice::Small => Limits {
-                max_job_bytes: 4096,
-                max_recipients: 3,
-                max_attachments: 2,
-                max_attachment_bytes: 64,
-                max_headers: 2,
-                max_header_bytes: 40,
-            },
+            LimitChoice::Small => super::invariants::small_limits(),
             LimitChoice::Large => Limits {
                 max_job_bytes: 5 * 1024 * 1024,
                 max_recipients: 20_000,
