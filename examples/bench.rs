@@ -488,7 +488,11 @@ impl Sink {
                 })
             }
             "own" => {
-                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                // A backlog for C sessions connecting at once: with the default 128, SYNs of a
+                // 200-session burst were dropped, and a session retried after 1 s, 3 s, 7 s.
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind("127.0.0.1:0".parse()?)?;
+                let listener = socket.listen(4096)?;
                 let port = listener.local_addr()?.port();
                 let task = tokio::spawn(own_sink(
                     listener,
