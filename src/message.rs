@@ -175,6 +175,10 @@ fn subject(subject: &str) -> HeaderValue {
 /// a line longer than RFC 5322 allows: a run of text with no space to fold at. Then the whole
 /// value is written as RFC 2047 encoded words, one per line, which decode to the same text.
 fn fitted(name: HeaderName, value: &str) -> HeaderValue {
+    // ASCII is written as given (folding only shortens lines): nothing to check when it fits.
+    if value.is_ascii() && name.len() + ": ".len() + value.len() <= MAX_LINE {
+        return HeaderValue::new(name, value.to_string());
+    }
     let encoded = HeaderValue::new(name.clone(), value.to_string());
     let mut headers = Headers::new();
     headers.insert_raw(encoded.clone());
