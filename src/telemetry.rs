@@ -4,10 +4,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. lettre and lapin stay at `info` or quieter whatever the level:
-/// their debug output can contain message bodies and credentials.
+/// Installs the global subscriber. lettre stays at `info` or quieter whatever the level: its debug
+/// output can contain message bodies and credentials. lapin is silent: every broker error it would
+/// log (half a dozen ERROR lines per routine broker restart, without saying they are lapin's)
+/// reaches the worker as an error, which logs it once with what it does about it.
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_new(format!("{},lettre=info,lapin=warn", config.level))
+    let filter = EnvFilter::try_new(format!("{},lettre=info,lapin=off", config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal, never in journald or a log file.
     let builder = tracing_subscriber::fmt()
