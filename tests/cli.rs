@@ -6,29 +6,13 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::broker::{Broker, Names, WAIT, amqp_url, header};
-use common::process::{WorkerProcess, free_port, run_to_end};
+use common::broker::{Broker, WAIT, header};
+use common::process::{WorkerProcess, broker_env, free_port, run_to_end};
 use common::smtp::{Action, Cmd, Rule, SmtpServer};
 use common::worker::{RunningWorker, job, test_config};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use mail_parser::MimeHeaders as _;
-
-/// The environment that points the binary at a test's queues.
-fn env_for(names: &Names) -> Vec<(&'static str, String)> {
-    vec![
-        ("AMQP_MAILER_AMQP__URL", amqp_url()),
-        ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
-        ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
-        ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
-        (
-            "AMQP_MAILER_AMQP__RETRY_QUEUE_PREFIX",
-            names.retry_prefix.clone(),
-        ),
-        ("AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE", names.dead.clone()),
-        ("AMQP_MAILER_AMQP__QUEUE_TYPE", "classic".into()),
-    ]
-}
 
 /// Declares the test's topology by starting and stopping a worker.
 async fn declare(broker: &Broker) {
@@ -69,7 +53,7 @@ async fn publish_from_flags_file_and_stdin_is_delivered() {
     let smtp = SmtpServer::start();
     let broker = Broker::new("clipublish").await;
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
-    let env = env_for(&broker.names);
+    let env = broker_env(&broker.names);
     let dir = std::env::temp_dir().join(format!("amqp-mailer-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let attachment = dir.join("report.csv");
@@ -165,7 +149,7 @@ async fn publish_from_flags_file_and_stdin_is_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
     let broker = Broker::new("clirefuse").await;
-    let env = env_for(&broker.names);
+    let env = broker_env(&broker.names);
     // Nothing declared yet: the exchange does not exist or routes nowhere.
     let (status, _, stderr) = run_to_end(
         &[
@@ -230,7 +214,7 @@ async fn dead_letters_list_shows_them_filters_them_and_removes_nothing() {
     }
     worker.stop().await.expect("clean stop");
     put_dead_letter(&broker, "old-1", "exhausted", "2020-01-01T00:00:00.000Z").await;
-    let env = env_for(&broker.names);
+    let env = broker_env(&broker.names);
 
     let (status, stdout, stderr) = run_to_end(&["dead-letters", "list"], &env).await;
     assert!(status.success(), "{stderr}");
@@ -297,7 +281,7 @@ async fn replay_moves_matching_dead_letters_back_with_a_fresh_attempt_count() {
     put_dead_letter(&broker, "r-1", "exhausted", &now).await;
     put_dead_letter(&broker, "r-2", "rejected", &now).await;
     put_dead_letter(&broker, "r-3", "exhausted", &now).await;
-    let env = env_for(&broker.names);
+    let env = broker_env(&broker.names);
 
     let (status, stdout, stderr) = run_to_end(
         &["dead-letters", "replay", "--kind", "exhausted", "--dry-run"],
@@ -362,7 +346,7 @@ async fn replay_killed_half_way_loses_nothing_and_duplicates_nothing() {
     }
     let mut replay = WorkerProcess::start(
         &["dead-letters", "replay", "--rate", "40"],
-        &env_for(&broker.names),
+        &broker_env(&broker.names),
     );
     // stdout carries one "replayed <id>" line per job; the log helper reads stderr, so wait on
     // the broker instead: the work queue fills as jobs are moved.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use amqp_mailer::pipeline::{JobEvent, JobOutcome};
 use amqp_mailer::status::Phase;
 use common::broker::{Broker, WAIT, amqp_url};
-use common::process::{WorkerProcess, free_port};
+use common::process::{WorkerProcess, free_port, worker_env};
 use common::proxy::Proxy;
 use common::smtp::{Action, Cmd, Rule, SmtpServer};
 use common::worker::{RunningWorker, job, retry_queues, test_config};
@@ -75,27 +75,12 @@ async fn sigterm_with_100_jobs_in_flight_drains_them_and_exits_0() {
     let broker = Broker::new("sigterm").await;
     let names = broker.names.clone();
     broker.also_delete([format!("{}10s", names.retry_prefix)]);
-    let mut worker = WorkerProcess::start(
-        &["run"],
-        &[
-            ("AMQP_MAILER_AMQP__URL", amqp_url()),
-            ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
-            ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
-            ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
-            (
-                "AMQP_MAILER_AMQP__RETRY_QUEUE_PREFIX",
-                names.retry_prefix.clone(),
-            ),
-            ("AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE", names.dead.clone()),
-            ("AMQP_MAILER_AMQP__QUEUE_TYPE", "classic".into()),
-            ("AMQP_MAILER_RETRY__MAX_ATTEMPTS", "2".into()),
-            ("AMQP_MAILER_WORKER__CONCURRENCY", "100".into()),
-            ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".into()),
-            ("AMQP_MAILER_SMTP__PORT", smtp.port().to_string()),
-            ("AMQP_MAILER_SMTP__TLS", "none".into()),
-            ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
-        ],
-    );
+    let mut env = worker_env(&names, smtp.port());
+    env.extend([
+        ("AMQP_MAILER_WORKER__CONCURRENCY", "100".into()),
+        ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
+    ]);
+    let mut worker = WorkerProcess::start(&["run"], &env);
     worker.wait_for_log("consuming", WAIT).await;
     for i in 0..150 {
         broker
@@ -148,29 +133,14 @@ async fn second_signal_stops_at_once_and_unfinished_jobs_go_back_to_the_queue() 
     let broker = Broker::new("twosignals").await;
     let names = broker.names.clone();
     broker.also_delete([format!("{}10s", names.retry_prefix)]);
-    let mut worker = WorkerProcess::start(
-        &["run"],
-        &[
-            ("AMQP_MAILER_AMQP__URL", amqp_url()),
-            ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
-            ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
-            ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
-            (
-                "AMQP_MAILER_AMQP__RETRY_QUEUE_PREFIX",
-                names.retry_prefix.clone(),
-            ),
-            ("AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE", names.dead.clone()),
-            ("AMQP_MAILER_AMQP__QUEUE_TYPE", "classic".into()),
-            ("AMQP_MAILER_RETRY__MAX_ATTEMPTS", "2".into()),
-            ("AMQP_MAILER_WORKER__CONCURRENCY", "10".into()),
-            ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".into()),
-            ("AMQP_MAILER_SMTP__PORT", smtp.port().to_string()),
-            ("AMQP_MAILER_SMTP__TLS", "none".into()),
-            ("AMQP_MAILER_SMTP__TIMEOUT", "60s".into()),
-            ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
-            ("AMQP_MAILER_SHUTDOWN__GRACE", "60s".into()),
-        ],
-    );
+    let mut env = worker_env(&names, smtp.port());
+    env.extend([
+        ("AMQP_MAILER_WORKER__CONCURRENCY", "10".into()),
+        ("AMQP_MAILER_SMTP__TIMEOUT", "60s".into()),
+        ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
+        ("AMQP_MAILER_SHUTDOWN__GRACE", "60s".into()),
+    ]);
+    let mut worker = WorkerProcess::start(&["run"], &env);
     worker.wait_for_log("consuming", WAIT).await;
     for i in 0..10 {
         broker
@@ -661,27 +631,12 @@ async fn systemd_notifications_ready_watchdog_status_and_stopping() {
         std::env::temp_dir().join(format!("amqp-mailer-notify-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket_path);
     let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
-    let mut worker = WorkerProcess::start(
-        &["run"],
-        &[
-            ("NOTIFY_SOCKET", socket_path.to_string_lossy().into_owned()),
-            ("WATCHDOG_USEC", "400000".into()),
-            ("AMQP_MAILER_AMQP__URL", amqp_url()),
-            ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
-            ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
-            ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
-            (
-                "AMQP_MAILER_AMQP__RETRY_QUEUE_PREFIX",
-                names.retry_prefix.clone(),
-            ),
-            ("AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE", names.dead.clone()),
-            ("AMQP_MAILER_AMQP__QUEUE_TYPE", "classic".into()),
-            ("AMQP_MAILER_RETRY__MAX_ATTEMPTS", "2".into()),
-            ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".into()),
-            ("AMQP_MAILER_SMTP__PORT", smtp.port().to_string()),
-            ("AMQP_MAILER_SMTP__TLS", "none".into()),
-        ],
-    );
+    let mut env = worker_env(&names, smtp.port());
+    env.extend([
+        ("NOTIFY_SOCKET", socket_path.to_string_lossy().into_owned()),
+        ("WATCHDOG_USEC", "400000".into()),
+    ]);
+    let mut worker = WorkerProcess::start(&["run"], &env);
     let mut buf = vec![0u8; 4096];
     let mut recv = async || -> String {
         let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))

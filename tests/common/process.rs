@@ -7,7 +7,40 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use super::broker::{Names, amqp_url};
+
 pub const BINARY: &str = env!("CARGO_BIN_EXE_amqp-mailer");
+
+/// The environment that points the binary at a test's queues on the test broker (classic
+/// queues, quick to create and delete).
+pub fn broker_env(names: &Names) -> Vec<(&'static str, String)> {
+    vec![
+        ("AMQP_MAILER_AMQP__URL", amqp_url()),
+        ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
+        ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
+        ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
+        (
+            "AMQP_MAILER_AMQP__RETRY_QUEUE_PREFIX",
+            names.retry_prefix.clone(),
+        ),
+        ("AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE", names.dead.clone()),
+        ("AMQP_MAILER_AMQP__QUEUE_TYPE", "classic".into()),
+    ]
+}
+
+/// [`broker_env`] plus the relay on 127.0.0.1:`smtp_port` without TLS and two attempts per job:
+/// what `run` needs against a test relay. With the default retry delay the one retry queue is
+/// `<retry_prefix>10s`, for the test to delete. A test appends what else it sets.
+pub fn worker_env(names: &Names, smtp_port: u16) -> Vec<(&'static str, String)> {
+    let mut env = broker_env(names);
+    env.extend([
+        ("AMQP_MAILER_RETRY__MAX_ATTEMPTS", "2".into()),
+        ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".into()),
+        ("AMQP_MAILER_SMTP__PORT", smtp_port.to_string()),
+        ("AMQP_MAILER_SMTP__TLS", "none".into()),
+    ]);
+    env
+}
 
 pub struct WorkerProcess {
     child: Child,
