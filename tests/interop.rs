@@ -40,6 +40,32 @@ fn relay_config(broker: &Broker, relay: &Aiosmtpd, tls: TlsMode) -> Config {
     config
 }
 
+/// The setup most tests here share: a throwaway CA, aiosmtpd serving `relay_tls` with a
+/// certificate of that CA and requiring AUTH as USER/PASSWORD, a broker, and the worker's
+/// configuration for that relay in `tls` mode trusting the CA (credentials left to the test).
+/// The directory holds the relay's files and is removed when dropped.
+async fn tls_auth_relay(
+    name: &str,
+    relay_tls: RelayTls,
+    tls: TlsMode,
+) -> (TempDir, Aiosmtpd, Broker, Config) {
+    let dir = TempDir::new(name);
+    let pki = Pki::generate(dir.path(), "private");
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: relay_tls,
+            pki: Some(&pki),
+            auth: Some((USER, PASSWORD)),
+        },
+    )
+    .await;
+    let broker = Broker::new(&format!("interop-{name}")).await;
+    let mut config = relay_config(&broker, &relay, tls);
+    config.smtp.ca_file = Some(pki.ca_file.clone());
+    (dir, relay, broker, config)
+}
+
 fn with_auth(config: &mut Config, password: &str, mechanisms: &[AuthMechanism]) {
     config.smtp.username = Some(USER.into());
     config.smtp.password = Some(Secret::new(password));
@@ -152,20 +178,8 @@ fn assert_authenticated(message: &Recorded, mechanism: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_required_with_auth_plain_delivers_through_aiosmtpd() {
-    let dir = TempDir::new("starttls-plain");
-    let pki = Pki::generate(dir.path(), "private");
-    let relay = Aiosmtpd::start(
-        dir.path(),
-        RelayOptions {
-            tls: RelayTls::Starttls,
-            pki: Some(&pki),
-            auth: Some((USER, PASSWORD)),
-        },
-    )
-    .await;
-    let broker = Broker::new("interop-starttls-plain").await;
-    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
-    config.smtp.ca_file = Some(pki.ca_file.clone());
+    let (_dir, relay, broker, mut config) =
+        tls_auth_relay("starttls-plain", RelayTls::Starttls, TlsMode::Starttls).await;
     // The default preference: PLAIN first, LOGIN second.
     with_auth(
         &mut config,
@@ -235,20 +249,8 @@ async fn starttls_required_with_auth_plain_delivers_through_aiosmtpd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_required_with_auth_login_only() {
-    let dir = TempDir::new("starttls-login");
-    let pki = Pki::generate(dir.path(), "private");
-    let relay = Aiosmtpd::start(
-        dir.path(),
-        RelayOptions {
-            tls: RelayTls::Starttls,
-            pki: Some(&pki),
-            auth: Some((USER, PASSWORD)),
-        },
-    )
-    .await;
-    let broker = Broker::new("interop-login").await;
-    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
-    config.smtp.ca_file = Some(pki.ca_file.clone());
+    let (_dir, relay, broker, mut config) =
+        tls_auth_relay("login", RelayTls::Starttls, TlsMode::Starttls).await;
     with_auth(&mut config, PASSWORD, &[AuthMechanism::Login]);
     let worker = RunningWorker::start(&broker, config).await;
 
@@ -271,20 +273,8 @@ async fn starttls_required_with_auth_login_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn implicit_tls_with_auth_delivers() {
-    let dir = TempDir::new("implicit");
-    let pki = Pki::generate(dir.path(), "private");
-    let relay = Aiosmtpd::start(
-        dir.path(),
-        RelayOptions {
-            tls: RelayTls::Implicit,
-            pki: Some(&pki),
-            auth: Some((USER, PASSWORD)),
-        },
-    )
-    .await;
-    let broker = Broker::new("interop-implicit").await;
-    let mut config = relay_config(&broker, &relay, TlsMode::Tls);
-    config.smtp.ca_file = Some(pki.ca_file.clone());
+    let (_dir, relay, broker, mut config) =
+        tls_auth_relay("implicit", RelayTls::Implicit, TlsMode::Tls).await;
     with_auth(
         &mut config,
         PASSWORD,
@@ -482,20 +472,8 @@ async fn certificate_from_an_unknown_ca_is_refused_and_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_retried_and_reported_not_ready() {
-    let dir = TempDir::new("wrong-password");
-    let pki = Pki::generate(dir.path(), "private");
-    let relay = Aiosmtpd::start(
-        dir.path(),
-        RelayOptions {
-            tls: RelayTls::Starttls,
-            pki: Some(&pki),
-            auth: Some((USER, PASSWORD)),
-        },
-    )
-    .await;
-    let broker = Broker::new("interop-wrong-password").await;
-    let mut config = relay_config(&broker, &relay, TlsMode::Starttls);
-    config.smtp.ca_file = Some(pki.ca_file.clone());
+    let (_dir, relay, broker, mut config) =
+        tls_auth_relay("wrong-password", RelayTls::Starttls, TlsMode::Starttls).await;
     with_auth(&mut config, "not the password", &[AuthMechanism::Login]);
     retry_once_and_wait_long(&mut config);
     let http: SocketAddr = format!("127.0.0.1:{}", free_port())
