@@ -197,14 +197,8 @@ async fn transient_451_twice_then_delivered_after_the_configured_delays() {
         .await;
     let mut attempts_at = Vec::new();
     for n in 1..=3 {
-        smtp.wait_for(WAIT, &format!("attempt {n}"), |s| {
-            s.commands
-                .iter()
-                .filter(|(_, l)| l.eq_ignore_ascii_case("DATA"))
-                .count()
-                >= n
-        })
-        .await;
+        smtp.wait_for(WAIT, &format!("attempt {n}"), |s| s.data_commands() >= n)
+            .await;
         attempts_at.push(Instant::now());
     }
     let messages = smtp.wait_for_messages(1, WAIT).await;
@@ -467,11 +461,7 @@ async fn original_is_not_acked_when_the_retry_publish_cannot_be_confirmed() {
         .await;
     // Two attempts prove the job came back to the work queue after the failed republish.
     smtp.wait_for(WAIT, "a second attempt of the requeued job", |s| {
-        s.commands
-            .iter()
-            .filter(|(_, l)| l.eq_ignore_ascii_case("DATA"))
-            .count()
-            >= 2
+        s.data_commands() >= 2
     })
     .await;
     worker.stop().await.expect("clean stop");

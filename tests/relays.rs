@@ -10,43 +10,11 @@ use amqp_mailer::config::{AmbiguousPolicy, RelayEntry, RelayMode};
 use amqp_mailer::pipeline::{JobEvent, JobOutcome};
 use amqp_mailer::policy::ErrorKind;
 use common::broker::{Broker, WAIT, header};
+use common::metrics::metric_sum;
 use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, test_config};
+use common::worker::{RunningWorker, job, test_config, wait_events};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use tokio::sync::broadcast;
-
-async fn wait_events(
-    rx: &mut broadcast::Receiver<JobEvent>,
-    n: usize,
-    pred: impl Fn(&JobEvent) -> bool,
-) -> Vec<JobEvent> {
-    let mut matched = Vec::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while matched.len() < n {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Ok(event)) if pred(&event) => matched.push(event),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("event stream broke: {e}"),
-            Err(_) => panic!("only {} of {n} expected events: {matched:?}", matched.len()),
-        }
-    }
-    matched
-}
-
-/// The sum of a metric over its label sets holding all `labels`.
-fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (series_name == name && labels.iter().all(|l| rest.contains(l)))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum::<f64>()
-        + 0.0 // An empty sum is -0.
-}
 
 fn relay_entry(name: &str, port: u16, weight: u32) -> RelayEntry {
     RelayEntry {
@@ -86,7 +54,7 @@ async fn one_recipient_refused_for_good_and_one_for_now_are_each_handled_alone()
     .to_string();
     broker.publish(body.as_bytes()).await;
 
-    let first = wait_events(&mut events, 1, |_| true).await;
+    let first = wait_events(&mut events, 1, WAIT, |_| true).await;
     assert_eq!(first[0].outcome, JobOutcome::PartlyDelivered);
     let letter = dead.next(WAIT).await;
     assert_eq!(letter.data, body.as_bytes(), "the job as published");
@@ -107,7 +75,7 @@ async fn one_recipient_refused_for_good_and_one_for_now_are_each_handled_alone()
     );
 
     // The 450 one comes back on its own after the retry delay and is delivered then.
-    let second = wait_events(&mut events, 1, |_| true).await;
+    let second = wait_events(&mut events, 1, WAIT, |_| true).await;
     assert_eq!(second[0].outcome, JobOutcome::Delivered);
     assert_eq!(second[0].attempt, 2);
     let messages = smtp.wait_for_messages(2, WAIT).await;
@@ -223,7 +191,10 @@ async fn every_second_connection_refused(flow_control: bool) -> (f64, f64) {
             .publish(job(&format!("busy-{i}"), "ann@example.com").as_bytes())
             .await;
     }
-    wait_events(&mut events, 30, |e| e.outcome == JobOutcome::Delivered).await;
+    wait_events(&mut events, 30, WAIT, |e| {
+        e.outcome == JobOutcome::Delivered
+    })
+    .await;
     let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -276,7 +247,7 @@ async fn stall_after_data(
     broker
         .publish(job("unsure-1", "ann@example.com").as_bytes())
         .await;
-    let settled = wait_events(&mut events, 1, |_| true).await;
+    let settled = wait_events(&mut events, 1, WAIT, |_| true).await;
     let queue = match policy {
         AmbiguousPolicy::Retry => retry_queue,
         AmbiguousPolicy::DeadLetter => broker.names.dead.clone(),
@@ -331,7 +302,7 @@ async fn failover_skips_a_dead_first_relay_and_returns_to_it_after_the_cooldown(
             .publish(job(&format!("fo-{i}"), "ann@example.com").as_bytes())
             .await;
     }
-    let delivered = wait_events(&mut events, 5, |e| e.outcome == JobOutcome::Delivered).await;
+    let delivered = wait_events(&mut events, 5, WAIT, |e| e.outcome == JobOutcome::Delivered).await;
     assert!(
         delivered.iter().all(|e| e.attempt == 1),
         "no attempt lost to the dead relay"
@@ -352,7 +323,7 @@ async fn failover_skips_a_dead_first_relay_and_returns_to_it_after_the_cooldown(
             .publish(job(&format!("fo-{i}"), "ann@example.com").as_bytes())
             .await;
     }
-    wait_events(&mut events, 5, |e| e.outcome == JobOutcome::Delivered).await;
+    wait_events(&mut events, 5, WAIT, |e| e.outcome == JobOutcome::Delivered).await;
     assert_eq!(first.messages().len(), 5, "back to the first relay");
     assert_eq!(second.messages().len(), 5);
     let text = worker.handles.metrics.encode();
@@ -382,7 +353,10 @@ async fn round_robin_follows_the_weights_over_1000_jobs() {
             .publish(job(&format!("rr-{i}"), "ann@example.com").as_bytes())
             .await;
     }
-    wait_events(&mut events, 1000, |e| e.outcome == JobOutcome::Delivered).await;
+    wait_events(&mut events, 1000, WAIT, |e| {
+        e.outcome == JobOutcome::Delivered
+    })
+    .await;
     let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
     let (h, l) = (heavy.messages().len(), light.messages().len());

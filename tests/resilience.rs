@@ -9,14 +9,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use amqp_mailer::pipeline::{JobEvent, JobOutcome};
+use amqp_mailer::pipeline::JobOutcome;
 use amqp_mailer::status::Phase;
 use common::broker::{Broker, WAIT, amqp_url};
+use common::metrics::{metric, metric_sum};
 use common::process::{WorkerProcess, free_port, worker_env};
 use common::proxy::Proxy;
 use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, retry_queues, test_config};
-use tokio::sync::broadcast;
+use common::worker::{RunningWorker, job, retry_queues, test_config, wait_events};
 
 fn broker_addr() -> SocketAddr {
     "127.0.0.1:5672".parse().expect("address")
@@ -36,32 +36,6 @@ fn deliveries(smtp: &SmtpServer) -> HashMap<String, usize> {
             .or_default() += 1;
     }
     seen
-}
-
-/// Waits until `n` events match `pred`; panics with what was seen on timeout.
-async fn wait_events(
-    rx: &mut broadcast::Receiver<JobEvent>,
-    n: usize,
-    timeout: Duration,
-    pred: impl Fn(&JobEvent) -> bool,
-) -> Vec<JobEvent> {
-    let mut matched = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    while matched.len() < n {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Ok(event)) => {
-                if pred(&event) {
-                    matched.push(event);
-                }
-            }
-            Ok(Err(e)) => panic!("event stream broke: {e}"),
-            Err(_) => panic!(
-                "only {} of {n} expected job events within {timeout:?}: {matched:?}",
-                matched.len()
-            ),
-        }
-    }
-    matched
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
@@ -88,14 +62,8 @@ async fn sigterm_with_100_jobs_in_flight_drains_them_and_exits_0() {
             .await;
     }
     // 100 messages are with the slow relay (prefetch 100), 50 wait in the queue.
-    smtp.wait_for(WAIT, "100 messages in flight", |s| {
-        s.commands
-            .iter()
-            .filter(|(_, l)| l.eq_ignore_ascii_case("DATA"))
-            .count()
-            >= 100
-    })
-    .await;
+    smtp.wait_for(WAIT, "100 messages in flight", |s| s.data_commands() >= 100)
+        .await;
     worker.signal("TERM");
     let status = worker.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
@@ -147,14 +115,8 @@ async fn second_signal_stops_at_once_and_unfinished_jobs_go_back_to_the_queue() 
             .publish(job(&format!("stuck-{i}"), "ann@example.com").as_bytes())
             .await;
     }
-    smtp.wait_for(WAIT, "10 stalled sends", |s| {
-        s.commands
-            .iter()
-            .filter(|(_, l)| l.eq_ignore_ascii_case("DATA"))
-            .count()
-            >= 10
-    })
-    .await;
+    smtp.wait_for(WAIT, "10 stalled sends", |s| s.data_commands() >= 10)
+        .await;
     let stopping = Instant::now();
     worker.signal("TERM");
     worker
@@ -507,30 +469,6 @@ async fn readiness_reports_relay_authentication_failure() {
         "still alive"
     );
     worker.stop().await.expect("clean stop");
-}
-
-/// The sum of a metric's samples over every label set holding all of `labels` (e.g. all relays).
-fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (series_name == name && labels.iter().all(|l| rest.contains(l)))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum::<f64>()
-        + 0.0 // An empty sum is -0.
-}
-
-/// The value of one sample line of the Prometheus text format.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

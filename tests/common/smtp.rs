@@ -167,6 +167,16 @@ pub struct SmtpState {
     pub sessions_total: u64,
 }
 
+impl SmtpState {
+    /// How many DATA commands the server has seen: one per attempt that got as far as the data.
+    pub fn data_commands(&self) -> usize {
+        self.commands
+            .iter()
+            .filter(|(_, l)| l.eq_ignore_ascii_case("DATA"))
+            .count()
+    }
+}
+
 #[derive(Default)]
 struct Config {
     rules: Vec<(Rule, usize)>, // rule and how many times it has been used

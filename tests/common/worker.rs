@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use amqp_mailer::app::{self, Handles, RunError};
 use amqp_mailer::config::{self, Config, QueueType, TlsMode};
+use amqp_mailer::pipeline::JobEvent;
 use amqp_mailer::policy::Schedule;
 use amqp_mailer::status::Phase;
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -126,6 +128,33 @@ impl Drop for RunningWorker {
         self.force.cancel();
         self.shutdown.cancel();
     }
+}
+
+/// Waits until `n` events (of `worker.handles.events`) match `pred`; panics with what was seen
+/// on timeout.
+pub async fn wait_events(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    n: usize,
+    timeout: Duration,
+    pred: impl Fn(&JobEvent) -> bool,
+) -> Vec<JobEvent> {
+    let mut matched = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while matched.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(event)) => {
+                if pred(&event) {
+                    matched.push(event);
+                }
+            }
+            Ok(Err(e)) => panic!("event stream broke: {e}"),
+            Err(_) => panic!(
+                "only {} of {n} expected job events within {timeout:?}: {matched:?}",
+                matched.len()
+            ),
+        }
+    }
+    matched
 }
 
 /// A job as JSON, with the usual fields filled in.
