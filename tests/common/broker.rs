@@ -107,26 +107,14 @@ impl Broker {
     }
 
     pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.names.exchange.as_str().into(),
-                self.names.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+        let confirmation = self
+            .publish_confirmed(
+                &self.names.exchange,
+                &self.names.routing_key,
                 body,
-                properties
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                properties.with_content_type("application/json".into()),
             )
-            .await
-            .expect("publish");
-        let confirmation = tokio::time::timeout(WAIT, confirm)
-            .await
-            .expect("confirm in time")
-            .expect("confirm");
+            .await;
         assert!(
             matches!(confirmation, lapin::Confirmation::Ack(None)),
             "publish not routed (is the worker's topology declared?): {confirmation:?}"
@@ -135,11 +123,26 @@ impl Broker {
 
     /// Publishes straight to a queue through the default exchange.
     pub async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        let confirmation = self.publish_confirmed("", queue, body, properties).await;
+        assert!(
+            matches!(confirmation, lapin::Confirmation::Ack(None)),
+            "{confirmation:?}"
+        );
+    }
+
+    /// Publishes persistent and mandatory, and returns the broker's confirmation.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Confirmation {
         let confirm = self
             .channel
             .basic_publish(
-                "".into(),
-                queue.into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -149,14 +152,10 @@ impl Broker {
             )
             .await
             .expect("publish");
-        let confirmation = tokio::time::timeout(WAIT, confirm)
+        tokio::time::timeout(WAIT, confirm)
             .await
             .expect("confirm in time")
-            .expect("confirm");
-        assert!(
-            matches!(confirmation, lapin::Confirmation::Ack(None)),
-            "{confirmation:?}"
-        );
+            .expect("confirm")
     }
 
     /// Messages ready in a queue (passive declare).
