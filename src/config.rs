@@ -1036,41 +1036,11 @@ mod tests {
             .collect()
     }
 
-    fn write_file(text: &str) -> (tempdir::Dir, PathBuf) {
-        let dir = tempdir::Dir::new();
+    fn write_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("create temp dir");
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).expect("write config file");
         (dir, path)
-    }
-
-    /// A directory removed on drop, so that tests do not need a crate for it.
-    mod tempdir {
-        use std::path::{Path, PathBuf};
-        use std::sync::atomic::{AtomicU32, Ordering};
-
-        pub struct Dir(PathBuf);
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-
-        impl Dir {
-            pub fn new() -> Self {
-                let path = std::env::temp_dir().join(format!(
-                    "amqp-mailer-config-test-{}-{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&path).expect("create temp dir");
-                Self(path)
-            }
-            pub fn path(&self) -> &Path {
-                &self.0
-            }
-        }
-
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]

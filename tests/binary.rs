@@ -9,9 +9,9 @@ use common::process::{WorkerProcess, free_port, run_to_end};
 use common::smtp::SmtpServer;
 use common::worker::job;
 
-fn config_file(broker: &Broker, smtp_port: u16) -> (tempfile_dir::Dir, String) {
+fn config_file(broker: &Broker, smtp_port: u16) -> (tempfile::TempDir, String) {
     let names = &broker.names;
-    let dir = tempfile_dir::Dir::new();
+    let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("config.toml");
     let text = format!(
         r#"[amqp]
@@ -174,34 +174,4 @@ async fn config_subcommand_prints_effective_configuration_without_secrets() {
         "{stdout}"
     );
     let _: toml::Value = toml::from_str(&stdout).expect("the output is TOML");
-}
-
-/// A temporary directory removed on drop.
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    pub struct Dir(PathBuf);
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-
-    impl Dir {
-        pub fn new() -> Self {
-            let path = std::env::temp_dir().join(format!(
-                "amqp-mailer-bin-test-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&path).expect("temp dir");
-            Self(path)
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
