@@ -1,26 +1,23 @@
-//! The composition root: builds the parts from the configuration and runs the consume loop,
-//! reconnecting to the broker for as long as it takes, until `shutdown` is cancelled.
+//! The composition root: builds the parts from the configuration, starts the background tasks
+//! (health and metrics, the watchdog, the idle-session reaper) and runs the consumer until
+//! `shutdown` is cancelled.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use lapin::Connection;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::amqp::{self, Publisher, Topology, TopologyError};
+use crate::amqp::{Publisher, Topology, TopologyError};
 use crate::config::{AmbiguousPolicy, Config};
 use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
-use crate::pipeline::{JobEvent, RecentlySettled, Worker};
+use crate::pipeline::{Consumer, JobContext, JobEvent, RecentlySettled};
 use crate::policy::Schedule;
+use crate::shutdown::Shutdown;
 use crate::smtp::{Relay, RelayLimits, RelaySet};
-use crate::status::{Phase, Status};
+use crate::status::Status;
 use crate::{http, systemd};
 
 /// Why the worker stopped other than by a shutdown request.
@@ -107,7 +104,7 @@ pub async fn run(
             .and_then(|from| from.parse().ok()),
         message_id_domain: config.smtp.message_id_domain.clone(),
     };
-    let worker = Arc::new(Worker {
+    let ctx = Arc::new(JobContext {
         relays,
         max_age: config.retry.max_age,
         publisher: Publisher::new(config.amqp.publish_timeout),
@@ -128,11 +125,11 @@ pub async fn run(
             .await
             .map_err(|e| RunError::Config(format!("http.listen: cannot listen on {addr}: {e}")))?;
         tracing::info!(%addr, "health and metrics on http://{addr}/readyz and /metrics");
-        let relay_worker = worker.clone();
+        let relay_ctx = ctx.clone();
         let health = Arc::new(http::Health {
             status: status.clone(),
             metrics: metrics.clone(),
-            relay_auth_failing: Box::new(move || relay_worker.relays.auth_failing()),
+            relay_auth_failing: Box::new(move || relay_ctx.relays.auth_failing()),
         });
         tokio::spawn(http::serve(listener, health, background.clone()));
     }
@@ -146,300 +143,30 @@ pub async fn run(
         ));
     }
     {
-        let worker = worker.clone();
+        let ctx = ctx.clone();
         let background = background.clone();
         let period = (config.smtp.pool_idle_timeout / 2).max(Duration::from_millis(100));
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(period) => worker.relays.reap_idle().await,
+                    _ = tokio::time::sleep(period) => ctx.relays.reap_idle().await,
                     _ = background.cancelled() => return,
                 }
             }
         });
     }
 
-    let supervisor = Supervisor {
-        config: &config,
-        worker: worker.clone(),
-        status: status.clone(),
-        metrics: metrics.clone(),
-        tracker: TaskTracker::new(),
-        jobs: Arc::new(Semaphore::new(concurrency)),
-        abandon_all: CancellationToken::new(),
+    let consumer = Consumer {
+        ctx: ctx.clone(),
+        amqp: config.amqp.clone(),
+        concurrency: config.worker.concurrency,
+        status,
+        metrics,
         beat_every,
     };
-    let result = supervisor.run(&shutdown, &force).await;
-    worker.relays.close().await;
+    let shutdown = Shutdown::new(shutdown, force, config.shutdown.grace);
+    let result = consumer.run(&shutdown).await.map_err(RunError::Topology);
+    ctx.relays.close().await;
     background.cancel();
     result
-}
-
-struct Supervisor<'a> {
-    config: &'a Config,
-    worker: Arc<Worker>,
-    status: Arc<Status>,
-    metrics: Arc<Metrics>,
-    /// Every job task, across reconnections.
-    tracker: TaskTracker,
-    /// At most `concurrency` jobs at once, even while the deliveries of a lost connection finish.
-    jobs: Arc<Semaphore>,
-    /// Cancelled when the shutdown grace is over: jobs not yet sending give up.
-    abandon_all: CancellationToken,
-    beat_every: Duration,
-}
-
-/// How a broker session ended.
-enum SessionEnd {
-    Shutdown,
-    Lost(String),
-    Fatal(RunError),
-}
-
-impl Supervisor<'_> {
-    async fn run(
-        &self,
-        shutdown: &CancellationToken,
-        force: &CancellationToken,
-    ) -> Result<(), RunError> {
-        let mut delay = Duration::from_millis(200);
-        let max_delay = self.config.amqp.reconnect_max_delay;
-        let mut first = true;
-        loop {
-            let end = self.session(shutdown, force, &mut delay, first).await;
-            first = false;
-            match end {
-                SessionEnd::Shutdown => return Ok(()),
-                SessionEnd::Fatal(error) => {
-                    self.drain(force).await;
-                    return Err(error);
-                }
-                SessionEnd::Lost(reason) => {
-                    self.metrics.broker_connected.set(0);
-                    self.status.set(Phase::Reconnecting, reason.clone());
-                    systemd::status(&format!("reconnecting to the broker: {reason}"));
-                    tracing::warn!(%reason, retry_in = ?delay, "broker connection lost; reconnecting");
-                    if !self.pause(delay, shutdown).await {
-                        self.drain(force).await;
-                        return Ok(());
-                    }
-                    delay = (delay * 2).min(max_delay);
-                    self.metrics.broker_reconnects.inc();
-                }
-            }
-        }
-    }
-
-    /// Waits `delay`, beating; false if shutdown was requested meanwhile.
-    async fn pause(&self, delay: Duration, shutdown: &CancellationToken) -> bool {
-        let until = tokio::time::Instant::now() + delay;
-        loop {
-            self.status.beat();
-            let step =
-                tokio::time::sleep_until(until.min(tokio::time::Instant::now() + self.beat_every));
-            tokio::select! {
-                _ = step => if tokio::time::Instant::now() >= until { return true },
-                _ = shutdown.cancelled() => return false,
-            }
-        }
-    }
-
-    /// One broker session: connect, declare, consume until the connection is lost or shutdown.
-    async fn session(
-        &self,
-        shutdown: &CancellationToken,
-        force: &CancellationToken,
-        delay: &mut Duration,
-        first: bool,
-    ) -> SessionEnd {
-        let amqp = &self.config.amqp;
-        let url = amqp.url.expose();
-        let connect = async {
-            // Separate connections: broker flow control blocks publishers, and must not stall
-            // the acks and deliveries of the consumer.
-            let (name, heartbeat, timeout) =
-                (&amqp.connection_name, amqp.heartbeat, amqp.connect_timeout);
-            let consume = amqp::connect(url, name, "consume", heartbeat, timeout).await?;
-            let publish = amqp::connect(url, name, "publish", heartbeat, timeout).await?;
-            Ok::<_, lapin::Error>((consume, publish))
-        };
-        let (consume_conn, publish_conn) = tokio::select! {
-            connected = connect => match connected {
-                Ok(connections) => connections,
-                Err(e) => return SessionEnd::Lost(format!("cannot connect to {}: {e}", crate::config::redact_url(url))),
-            },
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-        };
-        // Watch both connections: losing either one means starting over.
-        let mut events = futures_util::stream::select(
-            consume_conn.events_listener(),
-            publish_conn.events_listener(),
-        );
-
-        let setup = async {
-            let channel = consume_conn.create_channel().await.map_err(lost)?;
-            self.worker
-                .topology
-                .declare(&channel)
-                .await
-                .map_err(|e| match e {
-                    TopologyError::Mismatch { .. } => SessionEnd::Fatal(RunError::Topology(e)),
-                    TopologyError::Broker { .. } => SessionEnd::Lost(e.to_string()),
-                })?;
-            self.worker
-                .publisher
-                .attach(&publish_conn)
-                .await
-                .map_err(lost)?;
-            // Prefetch per consumer (global = false): quorum queues refuse global QoS.
-            channel
-                .basic_qos(
-                    self.config.worker.concurrency,
-                    BasicQosOptions { global: false },
-                )
-                .await
-                .map_err(lost)?;
-            let consumer = channel
-                .basic_consume(
-                    self.worker.topology.queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(lost)?;
-            Ok::<_, SessionEnd>((channel, consumer))
-        };
-        let (channel, mut consumer) = match setup.await {
-            Ok(ok) => ok,
-            Err(end) => {
-                close(&consume_conn, &publish_conn).await;
-                return end;
-            }
-        };
-
-        *delay = Duration::from_millis(200);
-        self.metrics.broker_connected.set(1);
-        self.status.set(Phase::Consuming, "consuming");
-        let summary = format!(
-            "consuming {} with concurrency {}",
-            self.worker.topology.queue, self.config.worker.concurrency
-        );
-        tracing::info!(
-            queue = %self.worker.topology.queue,
-            concurrency = self.config.worker.concurrency,
-            "{}", if first { "consuming" } else { "reconnected; consuming again" }
-        );
-        systemd::ready(&summary);
-
-        // Cancelled when this session's channel is lost: its deliveries can no longer be acked.
-        let abandon = self.abandon_all.child_token();
-        let mut beat = tokio::time::interval(self.beat_every);
-        let end = loop {
-            self.status.beat();
-            let permit = tokio::select! {
-                permit = self.jobs.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break SessionEnd::Shutdown,
-                },
-                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = beat.tick() => continue,
-            };
-            let delivery = tokio::select! {
-                delivery = consumer.next() => delivery,
-                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                event = events.next() => match event {
-                    Some(lapin::Event::Error(e)) => break SessionEnd::Lost(e.to_string()),
-                    Some(_) => continue,
-                    None => break SessionEnd::Lost("the broker connection closed".into()),
-                },
-                _ = beat.tick() => continue,
-            };
-            match delivery {
-                Some(Ok(delivery)) => {
-                    let worker = self.worker.clone();
-                    let abandon = abandon.clone();
-                    // Boxed, so that spawning moves a pointer rather than the whole future.
-                    self.tracker.spawn(Box::pin(async move {
-                        worker.handle(delivery, abandon).await;
-                        drop(permit);
-                    }));
-                }
-                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                None => {
-                    break SessionEnd::Lost(
-                        "the broker cancelled the consumer (queue deleted?)".into(),
-                    );
-                }
-            }
-        };
-
-        if let SessionEnd::Shutdown = end {
-            self.status
-                .set(Phase::Draining, "finishing the jobs in flight");
-            self.metrics.broker_connected.set(0);
-            systemd::stopping("draining: finishing the jobs in flight");
-            tracing::info!("stopping: no new deliveries; finishing the jobs in flight");
-            let tag = consumer.tag();
-            let _ = channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await;
-            // Deliveries already on their way when the cancel went out: hand them straight back.
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            while let Ok(Some(Ok(delivery))) =
-                tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-            {
-                let _ = delivery.acker.nack(requeue).await;
-            }
-            self.drain(force).await;
-            let _ = self.worker.publisher.detach();
-            let _ = channel.close(200, "shutting down".into()).await;
-            close(&consume_conn, &publish_conn).await;
-            tracing::info!("stopped");
-        } else {
-            abandon.cancel();
-            let _ = self.worker.publisher.detach();
-            close(&consume_conn, &publish_conn).await;
-        }
-        end
-    }
-
-    /// Waits for the jobs in flight, at most `shutdown.grace`, or until `force`.
-    async fn drain(&self, force: &CancellationToken) {
-        self.tracker.close();
-        let grace = self.config.shutdown.grace;
-        tokio::select! {
-            _ = self.tracker.wait() => {}
-            _ = tokio::time::sleep(grace) => {
-                tracing::warn!(
-                    unfinished = self.tracker.len(),
-                    ?grace,
-                    "jobs still running after shutdown.grace; they go back to the queue unacked"
-                );
-            }
-            _ = force.cancelled() => {
-                tracing::warn!(
-                    unfinished = self.tracker.len(),
-                    "stopping at once; unfinished jobs go back to the queue unacked"
-                );
-            }
-        }
-        // Whatever has not started sending must not start now: it is going back to the queue.
-        self.abandon_all.cancel();
-    }
-}
-
-fn lost(error: lapin::Error) -> SessionEnd {
-    SessionEnd::Lost(error.to_string())
-}
-
-async fn close(consume: &Connection, publish: &Connection) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = consume.close(200, "bye".into()).await;
-        let _ = publish.close(200, "bye".into()).await;
-    })
-    .await;
 }

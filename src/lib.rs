@@ -12,6 +12,7 @@ pub mod message;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod shutdown;
 pub mod smtp;
 pub mod status;
 pub mod systemd;

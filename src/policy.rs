@@ -43,23 +43,21 @@ impl ErrorKind {
     ];
 }
 
-/// How an attempt ended, as far as the decision is concerned.
+/// How an attempt failed, as far as the decision is concerned. A delivered job needs no
+/// decision: it is acked, so there is no variant for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered,
+pub enum Failure {
     Transient,
     Rejected,
     Invalid,
-    /// Sent, verdict unknown; retried or dead-lettered as `ambiguous_policy` says.
+    /// Sent, verdict unknown; retried or dead-lettered as `smtp.ambiguous` says.
     Ambiguous,
     Expired,
 }
 
-/// What to do with the delivery.
+/// Where a failed job goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Delivered: ack.
-    Ack,
     /// Publish to the retry queue of `delay` with `attempt` attempts made, then ack.
     Retry {
         attempt: u32,
@@ -125,8 +123,8 @@ impl Schedule {
         delays
     }
 
-    /// The decision after an attempt, given how many attempts were made before it.
-    pub fn decide(&self, outcome: Outcome, attempts_before: u32) -> Decision {
+    /// The decision after a failed attempt, given how many attempts were made before it.
+    pub fn decide(&self, failure: Failure, attempts_before: u32) -> Decision {
         let attempt = attempts_before.saturating_add(1);
         let dead = |kind| Decision::DeadLetter { attempt, kind };
         let retry = |kind| {
@@ -140,14 +138,13 @@ impl Schedule {
                 }
             }
         };
-        match outcome {
-            Outcome::Delivered => Decision::Ack,
-            Outcome::Rejected => dead(ErrorKind::Rejected),
-            Outcome::Invalid => dead(ErrorKind::Invalid),
-            Outcome::Expired => dead(ErrorKind::Expired),
-            Outcome::Ambiguous if self.ambiguous_dead_letter => dead(ErrorKind::Ambiguous),
-            Outcome::Ambiguous => retry(ErrorKind::Ambiguous),
-            Outcome::Transient => retry(ErrorKind::Transient),
+        match failure {
+            Failure::Rejected => dead(ErrorKind::Rejected),
+            Failure::Invalid => dead(ErrorKind::Invalid),
+            Failure::Expired => dead(ErrorKind::Expired),
+            Failure::Ambiguous if self.ambiguous_dead_letter => dead(ErrorKind::Ambiguous),
+            Failure::Ambiguous => retry(ErrorKind::Ambiguous),
+            Failure::Transient => retry(ErrorKind::Transient),
         }
     }
 }
@@ -202,7 +199,7 @@ mod tests {
         ];
         for (before, expected) in table {
             assert_eq!(
-                s.decide(Outcome::Transient, before),
+                s.decide(Failure::Transient, before),
                 expected,
                 "after {before}"
             );
@@ -244,23 +241,22 @@ mod tests {
     #[test]
     fn non_transient_outcomes_ignore_attempts_left() {
         let s = schedule(100, 2.0, 1000, 3);
-        assert_eq!(s.decide(Outcome::Delivered, 2), Decision::Ack);
         assert_eq!(
-            s.decide(Outcome::Rejected, 0),
+            s.decide(Failure::Rejected, 0),
             Decision::DeadLetter {
                 attempt: 1,
                 kind: ErrorKind::Rejected
             }
         );
         assert_eq!(
-            s.decide(Outcome::Invalid, 1),
+            s.decide(Failure::Invalid, 1),
             Decision::DeadLetter {
                 attempt: 2,
                 kind: ErrorKind::Invalid
             }
         );
         assert_eq!(
-            s.decide(Outcome::Transient, 1),
+            s.decide(Failure::Transient, 1),
             Decision::Retry {
                 attempt: 2,
                 delay: Duration::from_millis(200),
@@ -268,7 +264,7 @@ mod tests {
             }
         );
         assert_eq!(
-            s.decide(Outcome::Transient, 2),
+            s.decide(Failure::Transient, 2),
             Decision::DeadLetter {
                 attempt: 3,
                 kind: ErrorKind::Exhausted
@@ -280,7 +276,7 @@ mod tests {
     fn ambiguous_follows_the_policy() {
         let retry = schedule(100, 2.0, 1000, 3);
         assert_eq!(
-            retry.decide(Outcome::Ambiguous, 0),
+            retry.decide(Failure::Ambiguous, 0),
             Decision::Retry {
                 attempt: 1,
                 delay: Duration::from_millis(100),
@@ -288,7 +284,7 @@ mod tests {
             }
         );
         assert_eq!(
-            retry.decide(Outcome::Ambiguous, 2),
+            retry.decide(Failure::Ambiguous, 2),
             Decision::DeadLetter {
                 attempt: 3,
                 kind: ErrorKind::Exhausted
@@ -296,14 +292,14 @@ mod tests {
         );
         let dead = schedule(100, 2.0, 1000, 3).dead_letter_ambiguous(true);
         assert_eq!(
-            dead.decide(Outcome::Ambiguous, 0),
+            dead.decide(Failure::Ambiguous, 0),
             Decision::DeadLetter {
                 attempt: 1,
                 kind: ErrorKind::Ambiguous
             }
         );
         assert_eq!(
-            dead.decide(Outcome::Expired, 4),
+            dead.decide(Failure::Expired, 4),
             Decision::DeadLetter {
                 attempt: 5,
                 kind: ErrorKind::Expired
@@ -315,7 +311,7 @@ mod tests {
     fn single_attempt_never_retries() {
         let s = schedule(100, 2.0, 1000, 1);
         assert_eq!(
-            s.decide(Outcome::Transient, 0),
+            s.decide(Failure::Transient, 0),
             Decision::DeadLetter {
                 attempt: 1,
                 kind: ErrorKind::Exhausted

@@ -20,7 +20,7 @@ pub const FAILED_AT: &str = "failed-at";
 pub const RECIPIENTS: &str = "recipients";
 
 /// The headers written on a job that failed an attempt.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureHeaders {
     /// Attempts made so far, this one included.
     pub attempt: u32,

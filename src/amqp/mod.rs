@@ -1,6 +1,7 @@
 //! Everything that touches lapin: connections, topology, confirmed publishing, headers.
 
 pub mod headers;
+mod session;
 mod topology;
 
 use std::str::FromStr as _;
@@ -14,6 +15,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 pub use headers::{
     FailureHeaders, attempts_made, header_text, replay_properties, republish_properties, rfc3339,
 };
+pub use session::{BrokerSession, SessionError};
 pub use topology::{Topology, TopologyError};
 
 /// Largest AMQP frame we ask for, unless the URL says otherwise (`?frame_max=`).

@@ -18,7 +18,13 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// One queue per distinct delay of the schedule, in order.
     pub retry_queues: Vec<(Duration, String)>,
+    /// Retry queues are named this followed by their delay (`email.retry.` + `10s`).
+    pub retry_queue_prefix: String,
     pub queue_type: QueueType,
+}
+
+fn retry_queue_name(prefix: &str, delay: Duration) -> String {
+    format!("{prefix}{}", duration::format(delay))
 }
 
 /// A declaration failed.
@@ -41,17 +47,14 @@ pub enum TopologyError {
 
 impl Topology {
     pub fn new(config: &AmqpConfig, schedule: &Schedule) -> Self {
+        let prefix = &config.retry_queue_prefix;
         let retry_queues = schedule
             .delays()
             .into_iter()
-            .map(|delay| {
-                (
-                    delay,
-                    format!("{}{}", config.retry_queue_prefix, duration::format(delay)),
-                )
-            })
+            .map(|delay| (delay, retry_queue_name(prefix, delay)))
             .collect();
         Self {
+            retry_queue_prefix: prefix.clone(),
             exchange: config.exchange.clone(),
             queue: config.queue.clone(),
             routing_key: config.routing_key.clone(),
@@ -61,12 +64,11 @@ impl Topology {
         }
     }
 
-    /// The retry queue for a delay the schedule produced.
-    pub fn retry_queue(&self, delay: Duration) -> Option<&str> {
-        self.retry_queues
-            .iter()
-            .find(|(d, _)| *d == delay)
-            .map(|(_, name)| name.as_str())
+    /// The retry queue for a delay. Named, not looked up, so that there is always one: every
+    /// delay the schedule produces was declared with the same name, and a publish to a queue that
+    /// does not exist is returned by the broker (mandatory), never taken as stored.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        retry_queue_name(&self.retry_queue_prefix, delay)
     }
 
     /// Declares the exchange, the work queue and its binding, the retry queues and the

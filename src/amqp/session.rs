@@ -1,0 +1,104 @@
+//! One broker session: the consuming and the publishing connection, the topology declared, the
+//! publisher attached, and a channel to consume on.
+
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use lapin::{Channel, Connection, Event};
+
+use super::{Publisher, Topology, TopologyError, connect};
+use crate::config::{AmqpConfig, redact_url};
+
+/// How long closing a session may take: a broker that does not answer must not hold up a
+/// reconnect or a stop.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session could not be opened.
+#[derive(Debug)]
+pub enum SessionError {
+    /// The broker holds a topology that conflicts with ours: retrying cannot help.
+    Topology(TopologyError),
+    /// Unreachable, refused, or lost while opening: try again.
+    Broker(String),
+}
+
+/// An open session. Losing either connection means starting over: `events` reports both.
+pub struct BrokerSession {
+    consume: Connection,
+    publish: Connection,
+    /// The consuming channel.
+    pub channel: Channel,
+    /// Both connections' events.
+    pub events: BoxStream<'static, Event>,
+}
+
+impl BrokerSession {
+    /// Connects, declares the topology and attaches `publisher` to the publishing connection.
+    pub async fn open(
+        amqp: &AmqpConfig,
+        topology: &Topology,
+        publisher: &Publisher,
+    ) -> Result<Self, SessionError> {
+        let url = amqp.url.expose();
+        let (name, heartbeat, timeout) =
+            (&amqp.connection_name, amqp.heartbeat, amqp.connect_timeout);
+        let connections = async {
+            // Separate connections: broker flow control blocks publishers, and must not stall
+            // the acks and deliveries of the consumer.
+            let consume = connect(url, name, "consume", heartbeat, timeout).await?;
+            let publish = connect(url, name, "publish", heartbeat, timeout).await?;
+            Ok::<_, lapin::Error>((consume, publish))
+        };
+        let (consume, publish) = connections.await.map_err(|e| {
+            SessionError::Broker(format!("cannot connect to {}: {e}", redact_url(url)))
+        })?;
+        let events = Box::pin(futures_util::stream::select(
+            consume.events_listener(),
+            publish.events_listener(),
+        ));
+        let setup = async {
+            let channel = consume.create_channel().await.map_err(broker)?;
+            topology.declare(&channel).await.map_err(|e| match e {
+                TopologyError::Mismatch { .. } => SessionError::Topology(e),
+                TopologyError::Broker { .. } => SessionError::Broker(e.to_string()),
+            })?;
+            publisher.attach(&publish).await.map_err(broker)?;
+            Ok(channel)
+        };
+        match setup.await {
+            Ok(channel) => Ok(Self {
+                consume,
+                publish,
+                channel,
+                events,
+            }),
+            Err(e) => {
+                close(&consume, &publish).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches the publisher and closes the channel and both connections.
+    pub async fn close(self, publisher: &Publisher) {
+        let _ = publisher.detach();
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            self.channel.close(200, "shutting down".into()),
+        )
+        .await;
+        close(&self.consume, &self.publish).await;
+    }
+}
+
+fn broker(error: lapin::Error) -> SessionError {
+    SessionError::Broker(error.to_string())
+}
+
+async fn close(consume: &Connection, publish: &Connection) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = consume.close(200, "bye".into()).await;
+        let _ = publish.close(200, "bye".into()).await;
+    })
+    .await;
+}

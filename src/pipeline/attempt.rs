@@ -1,0 +1,177 @@
+//! One attempt at a job: decode → build → send. It works on the body and the [`DeliveryMeta`]
+//! read at the edge, never on AMQP properties, and says how it ended; what to do about that is
+//! `settle`'s decision.
+
+use std::time::SystemTime;
+
+use lettre::address::Envelope;
+use tokio_util::sync::CancellationToken;
+use tracing::Span;
+
+use super::context::JobContext;
+use super::delivery::DeliveryMeta;
+use super::settle;
+use crate::job;
+use crate::message;
+use crate::policy::Failure;
+use crate::smtp::{FailureClass, SendError, Sent};
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The relay answered for each recipient: some, all or none took the message.
+    Sent { sent: Sent, relay: String },
+    /// Nothing was sent (or, ambiguous, nobody knows).
+    Failed(Failed),
+    /// Stopped before sending, because the delivery can no longer be settled: not to be settled.
+    Abandoned,
+}
+
+/// Why an attempt failed, for the decision and the dead letter's headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub failure: Failure,
+    /// For the `last-error` header and the log: the relay's reply or our reason.
+    pub error: String,
+    pub smtp_code: Option<u16>,
+}
+
+impl Attempt {
+    pub fn failed(failure: Failure, reason: impl ToString) -> Self {
+        Attempt::Failed(Failed {
+            failure,
+            error: reason.to_string(),
+            smtp_code: None,
+        })
+    }
+}
+
+/// Runs one attempt. Returns the job's own `id` when the body could be decoded far enough to
+/// read it, and how the attempt ended.
+pub async fn run(
+    ctx: &JobContext,
+    body: &[u8],
+    meta: &DeliveryMeta,
+    abandon: &CancellationToken,
+) -> (Option<String>, Attempt) {
+    let job = match job::decode(body, &ctx.limits) {
+        Ok(job) => job,
+        Err(invalid) => return (None, Attempt::failed(Failure::Invalid, invalid)),
+    };
+    if let Some(id) = &job.id {
+        Span::current().record("job_id", id.as_str());
+    }
+    let attempt = send(ctx, &job, body, meta, abandon).await;
+    (job.id, attempt)
+}
+
+async fn send(
+    ctx: &JobContext,
+    job: &job::Job,
+    body: &[u8],
+    meta: &DeliveryMeta,
+    abandon: &CancellationToken,
+) -> Attempt {
+    let expired = settle::expired(
+        job.not_after,
+        meta.first_failed_at,
+        ctx.max_age,
+        SystemTime::now(),
+    );
+    if let Some(reason) = expired {
+        return Attempt::failed(Failure::Expired, reason);
+    }
+    let mut out = match message::build(job, body, &ctx.defaults) {
+        Ok(out) => out,
+        Err(invalid) => return Attempt::failed(Failure::Invalid, invalid),
+    };
+    if let Some(list) = &meta.recipients {
+        match narrowed(&out.envelope, list) {
+            Ok(envelope) => out.envelope = envelope,
+            Err(reason) => return Attempt::failed(Failure::Invalid, reason),
+        }
+    }
+    let (result, relay) = ctx.relays.send(&out, abandon).await;
+    match result {
+        Ok(sent) => Attempt::Sent { sent, relay },
+        Err(error) => match failure_of(ctx, &error, &relay) {
+            Some(failure) => Attempt::Failed(Failed {
+                failure,
+                error: error.to_string(),
+                smtp_code: error.code,
+            }),
+            None => Attempt::Abandoned,
+        },
+    }
+}
+
+/// What a failed send means for the job; `None` when it was given up before sending.
+fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Option<Failure> {
+    Some(match error.class {
+        FailureClass::Abandoned => return None,
+        FailureClass::Permanent => Failure::Rejected,
+        FailureClass::Transient | FailureClass::Timeout if error.is_ambiguous() => {
+            ctx.metrics.jobs_ambiguous.inc();
+            tracing::warn!(
+                relay = %relay,
+                error = %error,
+                "the message was sent but the relay's verdict never came: it may have been \
+                 delivered"
+            );
+            Failure::Ambiguous
+        }
+        FailureClass::Transient | FailureClass::Timeout => Failure::Transient,
+        FailureClass::Auth => {
+            tracing::error!(
+                relay = %relay,
+                error = %error,
+                "the relay refused our authentication; check smtp.username and the password. \
+                 Jobs are retried, not dead-lettered"
+            );
+            Failure::Transient
+        }
+    })
+}
+
+/// The envelope narrowed to the `recipients` header: each listed address must be one of the
+/// job's own recipients, so that the header cannot add one.
+fn narrowed(envelope: &Envelope, list: &str) -> Result<Envelope, String> {
+    let mut keep = Vec::new();
+    for text in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let found = envelope
+            .to()
+            .iter()
+            .find(|known| AsRef::<str>::as_ref(*known).eq_ignore_ascii_case(text))
+            .ok_or_else(|| {
+                format!("the recipients header names {text:?}, which is not a recipient of the job")
+            })?;
+        keep.push(found.clone());
+    }
+    Envelope::new(envelope.from().cloned(), keep)
+        .map_err(|e| format!("the recipients header leaves no recipient: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(to: &[&str]) -> Envelope {
+        let to = to.iter().map(|a| a.parse().expect("address")).collect();
+        Envelope::new(Some("from@example.com".parse().expect("address")), to).expect("envelope")
+    }
+
+    #[test]
+    fn the_recipients_header_narrows_but_never_adds() {
+        let all = envelope(&["ann@example.com", "bob@example.com"]);
+        let narrowed = narrowed(&all, " BOB@example.com ,").expect("bob is a recipient");
+        assert_eq!(narrowed.to(), envelope(&["bob@example.com"]).to());
+        let added = narrowed_err(&all, "eve@example.com");
+        assert!(added.contains("not a recipient of the job"), "{added}");
+        let none = narrowed_err(&all, " , ");
+        assert!(none.contains("leaves no recipient"), "{none}");
+    }
+
+    fn narrowed_err(all: &Envelope, list: &str) -> String {
+        narrowed(all, list).expect_err("refused")
+    }
+}

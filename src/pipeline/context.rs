@@ -1,0 +1,86 @@
+//! What every job needs, built once by the composition root and shared by all of them; and what
+//! a job tells whoever listens when it is settled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::recent::RecentlySettled;
+use crate::amqp::{Publisher, Topology};
+use crate::job::Limits;
+use crate::message::MessageDefaults;
+use crate::metrics::Metrics;
+use crate::policy::{ErrorKind, Schedule};
+use crate::smtp::RelaySet;
+
+/// The shared job context: the relays, the publisher, the topology and the rules every job of
+/// this worker is handled with.
+pub struct JobContext {
+    pub relays: RelaySet,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub schedule: Schedule,
+    pub limits: Limits,
+    pub defaults: MessageDefaults,
+    /// `retry.max_age`: a job unsent this long after its first failure is not sent late.
+    pub max_age: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+    pub events: broadcast::Sender<JobEvent>,
+    pub settled: RecentlySettled,
+}
+
+/// How a delivery was settled, for whoever listens (tests, tools). Sent once the job is done
+/// (settled, and no longer counted in flight). Costs next to nothing when nobody listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// The job's `id`, else the AMQP message id.
+    pub job_id: Option<String>,
+    /// The attempt this was, 1-based.
+    pub attempt: u32,
+    pub outcome: JobOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    Delivered,
+    /// Delivered to some recipients; the others were retried or dead-lettered on their own.
+    PartlyDelivered,
+    /// Republished to a retry queue (confirmed) and acked.
+    Retried,
+    /// Republished to the dead-letter queue (confirmed) and acked.
+    DeadLettered(ErrorKind),
+    /// Handed back to the work queue because the republish was not confirmed.
+    Requeued,
+    /// Stopped before sending; the broker delivers it again.
+    Abandoned,
+    /// A redelivery of a delivery this worker had settled but could not ack: acked, not sent.
+    AlreadyHandled,
+}
+
+impl JobOutcome {
+    /// The `outcome` field of the job's log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobOutcome::Delivered => "delivered",
+            JobOutcome::PartlyDelivered => "partly-delivered",
+            JobOutcome::Retried => "retry",
+            JobOutcome::DeadLettered(kind) => kind.as_str(),
+            JobOutcome::Requeued => "requeued",
+            JobOutcome::Abandoned => "abandoned",
+            JobOutcome::AlreadyHandled => "already-handled",
+        }
+    }
+
+    /// The broker has this delivery's final word (acked): a redelivery of it was handled already.
+    pub fn is_settled(self) -> bool {
+        match self {
+            JobOutcome::Delivered
+            | JobOutcome::PartlyDelivered
+            | JobOutcome::Retried
+            | JobOutcome::DeadLettered(_)
+            | JobOutcome::AlreadyHandled => true,
+            JobOutcome::Requeued | JobOutcome::Abandoned => false,
+        }
+    }
+}

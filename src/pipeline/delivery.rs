@@ -1,0 +1,149 @@
+//! One delivery, top to bottom: read its metadata at the edge → attempt (decode → build → send)
+//! → plan the settlement → carry it out → tell. Every delivery is settled exactly once, whatever
+//! happens, a panic included.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::FutureExt as _;
+use lapin::message::Delivery;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, Span, field};
+
+use super::attempt::{self, Attempt};
+use super::context::{JobContext, JobEvent};
+use super::recent::settle_key;
+use super::settle::{self, Settlement};
+use crate::amqp::{attempts_made, header_text, headers};
+use crate::policy::Failure;
+
+/// What the pipeline needs of a delivery's AMQP properties, read once where the delivery comes
+/// in, so that no later stage reads AMQP headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryMeta {
+    /// Attempts made before this one (our `attempt` header; 0 when absent).
+    pub attempts_before: u32,
+    /// When the job first failed (`first-failed-at`), for `retry.max_age`.
+    pub first_failed_at: Option<SystemTime>,
+    /// The `recipients` header: only these recipients are left to send to.
+    pub recipients: Option<String>,
+    /// The broker delivered it before: it may have been sent already.
+    pub redelivered: bool,
+    /// The AMQP message id, the job's name until its body says otherwise.
+    pub message_id: Option<String>,
+}
+
+impl DeliveryMeta {
+    pub fn read(delivery: &Delivery) -> Self {
+        let properties = &delivery.properties;
+        Self {
+            attempts_before: attempts_made(properties),
+            first_failed_at: header_text(properties, headers::FIRST_FAILED_AT)
+                .and_then(|text| humantime::parse_rfc3339_weak(&text).ok()),
+            recipients: header_text(properties, headers::RECIPIENTS),
+            redelivered: delivery.redelivered,
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string()),
+        }
+    }
+}
+
+/// Handles one delivery to the end: it is acked, or republished then acked, or handed back.
+/// `abandon` is cancelled when the delivery can no longer be settled (its channel is gone, or
+/// the shutdown grace is over): a job that has not yet sent its message then stops, and the
+/// broker delivers it again, instead of it being sent now and again after redelivery.
+pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: CancellationToken) {
+    ctx.metrics.jobs_received.inc();
+    ctx.metrics.jobs_in_flight.inc();
+    let meta = DeliveryMeta::read(&delivery);
+    let span = tracing::info_span!(
+        "job",
+        job_id = meta.message_id.as_deref().unwrap_or("-"),
+        attempt = meta.attempts_before + 1,
+        outcome = field::Empty,
+    );
+    async {
+        let key = settle_key(&delivery.data, meta.attempts_before);
+        let mut job_id = meta.message_id.clone();
+        let settlement = if meta.redelivered && ctx.settled.contains(key) {
+            // We handled this very delivery and its ack was lost with the connection: sending
+            // it again would only make a duplicate.
+            Settlement::AlreadyHandled
+        } else {
+            if meta.redelivered {
+                // Its earlier handling (elsewhere, or before a restart) may have reached the
+                // relay; the stable Message-ID lets receivers drop the copy.
+                ctx.metrics.jobs_redelivered.inc();
+                tracing::info!("redelivered by the broker: it may have been sent before");
+            }
+            // Boxed: the send's state machine is kilobytes, and a task's future is copied
+            // several times when spawned; this way the task keeps only a pointer.
+            let attempt = Box::pin(attempt::run(&ctx, &delivery.data, &meta, &abandon));
+            let attempt = match guarded(attempt).await {
+                Ok((id, attempt)) => {
+                    job_id = id.or(job_id);
+                    attempt
+                }
+                // A bug must cost this job an attempt, not the worker its life.
+                Err(panic) => Attempt::failed(
+                    Failure::Transient,
+                    format!("internal error while handling the job: {panic}"),
+                ),
+            };
+            settle::plan(attempt, &meta, &ctx.schedule, SystemTime::now())
+        };
+        let outcome = Box::pin(settle::apply(&ctx, delivery, settlement)).await;
+        if outcome.is_settled() {
+            ctx.settled.insert(key);
+        }
+        Span::current().record("outcome", outcome.name());
+        // The job is done before anyone hears of it: a listener that reads the gauge after the
+        // event must not count this job in flight.
+        ctx.metrics.jobs_in_flight.dec();
+        let _ = ctx.events.send(JobEvent {
+            job_id,
+            attempt: meta.attempts_before + 1,
+            outcome,
+        });
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Runs `future`, turning a panic inside it into an error with the panic's message.
+pub async fn guarded<T>(future: impl std::future::Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            if let Some(text) = panic.downcast_ref::<&str>() {
+                (*text).to_string()
+            } else if let Some(text) = panic.downcast_ref::<String>() {
+                text.clone()
+            } else {
+                "panic".to_string()
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_error_with_its_message() {
+        let id = 7;
+        let result = guarded(async move {
+            if id == 7 {
+                panic!("job {id} broke the builder");
+            }
+            1
+        })
+        .await;
+        assert_eq!(result, Err("job 7 broke the builder".to_string()));
+        assert_eq!(guarded(async { 2 }).await, Ok(2));
+    }
+}

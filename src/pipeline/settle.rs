@@ -1,0 +1,784 @@
+//! Decide, then settle. [`plan`] is pure: from how the attempt ended, the attempts made before
+//! it, the retry ladder and the clock, it computes one [`Settlement`]. [`apply`] carries it out
+//! and takes the `Delivery` by value, so that a delivery cannot be settled twice.
+//!
+//! | attempt ended                          | settlement                                             |
+//! |----------------------------------------|--------------------------------------------------------|
+//! | every recipient took it                | `Ack`                                                  |
+//! | some or all recipients refused         | `RepublishThenAck`: one republish per kind of refusal, |
+//! |                                        | with only those recipients (`recipients` header)       |
+//! | failed: transient/ambiguous, attempts left | `RepublishThenAck` to the retry queue of its delay |
+//! | failed: rejected, invalid, expired, exhausted | `RepublishThenAck` to the dead-letter queue     |
+//! | abandoned before sending               | `Abandon`: left to the broker                          |
+//! | a redelivery this worker settled already | `AlreadyHandled`: ack, not sent again                |
+//!
+//! A republish that the broker does not confirm hands the job back whole (nack with requeue),
+//! never acked, so no refused recipient can be acked away unrecorded.
+
+use std::time::{Duration, SystemTime};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+
+use super::attempt::Attempt;
+use super::context::{JobContext, JobOutcome};
+use super::delivery::DeliveryMeta;
+use crate::amqp::{FailureHeaders, republish_properties, rfc3339};
+use crate::config::duration;
+use crate::metrics::KindLabel;
+use crate::policy::{Decision, Failure, Schedule};
+use crate::smtp::{Refusal, Sent};
+
+/// Pause before handing a job back when its retry or dead letter could not be published, so
+/// that a broker refusing publishes is not hammered by the same jobs in a tight loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// How a delivery is settled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// Every recipient has the message: ack.
+    Ack(Delivered),
+    /// Publish the republishes, each confirmed by the broker, then ack. When a publish is not
+    /// confirmed, the job is handed back whole (nack with requeue) instead. Boxed: failures are
+    /// the rare case, and a delivered job should not carry their size.
+    RepublishThenAck(Box<Republishes>),
+    /// A redelivery of a delivery this worker settled and could not ack: ack, do not send again.
+    AlreadyHandled,
+    /// Leave it unsettled: it was given up before sending because its channel is going away,
+    /// and the broker delivers it again.
+    Abandon,
+}
+
+/// What a failed or partial attempt publishes: at least one republish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Republishes {
+    pub republish: Republish,
+    /// The second kind of refusal of a partial delivery.
+    pub also: Option<Republish>,
+    /// Some recipients took the message (a partial delivery).
+    pub delivered: Option<Delivered>,
+}
+
+impl Republishes {
+    fn all(&self) -> impl Iterator<Item = &Republish> {
+        std::iter::once(&self.republish).chain(&self.also)
+    }
+
+    /// How many refused recipients of this kind (for good, or for now) the republishes carry.
+    fn refused(&self, permanent: bool) -> usize {
+        self.all()
+            .filter_map(|r| r.refused)
+            .filter(|r| r.permanent == permanent)
+            .map(|r| r.count)
+            .sum()
+    }
+}
+
+/// What the relay said when it took the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub relay: String,
+    /// The relay's final reply, e.g. `250 2.0.0 Ok: queued as 4F1`.
+    pub reply: Option<String>,
+    /// How many recipients took it.
+    pub recipients: usize,
+}
+
+/// One republish of the job: where, and with which headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Republish {
+    pub to: Target,
+    pub failure: FailureHeaders,
+    /// For a partial delivery: which refusals this republish records, and how many.
+    pub refused: Option<Refused>,
+}
+
+/// The queue a republish goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The retry queue of this delay.
+    Retry(Duration),
+    DeadLetter,
+}
+
+/// The refused recipients one republish carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// For good (5xx), or for now (4xx).
+    pub permanent: bool,
+    pub count: usize,
+}
+
+impl Settlement {
+    /// What the settlement reports once carried out.
+    pub fn outcome(&self) -> JobOutcome {
+        match self {
+            Settlement::Ack(_) => JobOutcome::Delivered,
+            Settlement::RepublishThenAck(r) if r.delivered.is_some() => JobOutcome::PartlyDelivered,
+            Settlement::RepublishThenAck(r) => match r.republish.to {
+                Target::Retry(_) => JobOutcome::Retried,
+                Target::DeadLetter => JobOutcome::DeadLettered(r.republish.failure.kind),
+            },
+            Settlement::AlreadyHandled => JobOutcome::AlreadyHandled,
+            Settlement::Abandon => JobOutcome::Abandoned,
+        }
+    }
+}
+
+/// The settlement of an attempt, given the delivery's metadata, the ladder and the time now.
+pub fn plan(
+    attempt: Attempt,
+    meta: &DeliveryMeta,
+    schedule: &Schedule,
+    now: SystemTime,
+) -> Settlement {
+    let before = meta.attempts_before;
+    match attempt {
+        Attempt::Abandoned => Settlement::Abandon,
+        Attempt::Sent { sent, relay } => split(sent, relay, before, schedule, now),
+        Attempt::Failed(failed) => Settlement::RepublishThenAck(Box::new(Republishes {
+            republish: republish(
+                schedule.decide(failed.failure, before),
+                failed.error,
+                failed.smtp_code,
+                None,
+                now,
+            ),
+            also: None,
+            delivered: None,
+        })),
+    }
+}
+
+/// The recipients that took the message have it; those refused for good are dead-lettered
+/// alone, those refused for now retried alone, each group with the relay's replies. Every
+/// refused group gets its republish: there is no path on which a refusal is dropped.
+fn split(
+    sent: Sent,
+    relay: String,
+    before: u32,
+    schedule: &Schedule,
+    now: SystemTime,
+) -> Settlement {
+    let (permanent, temporary): (Vec<Refusal>, Vec<Refusal>) =
+        sent.refused.into_iter().partition(|r| r.permanent);
+    let delivered = Delivered {
+        relay,
+        reply: sent.reply,
+        recipients: sent.accepted.len(),
+    };
+    let group = |refusals: Vec<Refusal>, failure: Failure| {
+        let first = refusals.first()?;
+        let error = refusals
+            .iter()
+            .map(|r| format!("{}: {}", r.recipient, r.reply))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let list = refusals
+            .iter()
+            .map(|r| r.recipient.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut republish = republish(
+            schedule.decide(failure, before),
+            error,
+            first.code,
+            Some(list),
+            now,
+        );
+        republish.refused = Some(Refused {
+            permanent: failure == Failure::Rejected,
+            count: refusals.len(),
+        });
+        Some(republish)
+    };
+    let partial = |delivered: Delivered| (delivered.recipients > 0).then_some(delivered);
+    match (
+        group(permanent, Failure::Rejected),
+        group(temporary, Failure::Transient),
+    ) {
+        (None, None) => Settlement::Ack(delivered),
+        (Some(republish), also) => Settlement::RepublishThenAck(Box::new(Republishes {
+            republish,
+            also,
+            delivered: partial(delivered),
+        })),
+        (None, Some(republish)) => Settlement::RepublishThenAck(Box::new(Republishes {
+            republish,
+            also: None,
+            delivered: partial(delivered),
+        })),
+    }
+}
+
+fn republish(
+    decision: Decision,
+    error: String,
+    smtp_code: Option<u16>,
+    recipients: Option<String>,
+    now: SystemTime,
+) -> Republish {
+    let (attempt, kind, to) = match decision {
+        Decision::Retry {
+            attempt,
+            delay,
+            kind,
+        } => (attempt, kind, Target::Retry(delay)),
+        Decision::DeadLetter { attempt, kind } => (attempt, kind, Target::DeadLetter),
+    };
+    Republish {
+        to,
+        failure: FailureHeaders {
+            attempt,
+            kind,
+            last_error: error,
+            smtp_code,
+            failed_at: now,
+            recipients,
+        },
+        refused: None,
+    }
+}
+
+/// Why the job must not be sent any more, if it must not: past the producer's `not_after`, or
+/// `retry.max_age` after its first failure. Asked before sending; pure, with the clock passed in.
+pub fn expired(
+    not_after: Option<SystemTime>,
+    first_failed_at: Option<SystemTime>,
+    max_age: Option<Duration>,
+    now: SystemTime,
+) -> Option<String> {
+    if let Some(not_after) = not_after
+        && now > not_after
+    {
+        return Some(format!(
+            "not sent: past the job's not_after ({})",
+            rfc3339(not_after)
+        ));
+    }
+    let (max_age, first) = (max_age?, first_failed_at?);
+    (now.duration_since(first).ok()? > max_age).then(|| {
+        format!(
+            "not sent: first failed at {} and retry.max_age = {} has passed",
+            rfc3339(first),
+            duration::format(max_age)
+        )
+    })
+}
+
+/// Carries a settlement out, exactly once: the delivery is consumed. Logs and counts what was
+/// done, and says how the delivery ended.
+pub async fn apply(ctx: &JobContext, delivery: Delivery, settlement: Settlement) -> JobOutcome {
+    let outcome = settlement.outcome();
+    match settlement {
+        Settlement::Abandon => {
+            tracing::info!(
+                outcome = "abandoned",
+                "stopped before sending; the broker will deliver the job again"
+            );
+            ctx.metrics.jobs_abandoned.inc();
+            // Neither acked nor nacked: its channel is closing, and the broker requeues it.
+            drop(delivery);
+            outcome
+        }
+        Settlement::AlreadyHandled => {
+            ctx.metrics.jobs_redelivered.inc();
+            ctx.metrics.duplicates_avoided.inc();
+            tracing::info!(
+                outcome = "already-handled",
+                "redelivered after a lost ack; this worker had already handled it: acked \
+                 without sending again"
+            );
+            ack(ctx, delivery).await;
+            outcome
+        }
+        Settlement::Ack(delivered) => {
+            tracing::info!(
+                outcome = "delivered",
+                relay = %delivered.relay,
+                relay_reply = delivered.reply.as_deref().unwrap_or(""),
+                "delivered"
+            );
+            ctx.metrics.jobs_delivered.inc();
+            ack(ctx, delivery).await;
+            outcome
+        }
+        Settlement::RepublishThenAck(republishes) => {
+            for republish in republishes.all() {
+                if !publish(ctx, &delivery, republish).await {
+                    if let Some(delivered) = &republishes.delivered {
+                        tracing::error!(
+                            relay = %delivered.relay,
+                            "the refused recipients could not be recorded; the whole job goes \
+                             back to the queue, so the recipients that took it will get it again"
+                        );
+                    }
+                    return requeue(ctx, delivery).await;
+                }
+            }
+            for refused in republishes.all().filter_map(|r| r.refused) {
+                let kind = if refused.permanent {
+                    "permanent"
+                } else {
+                    "temporary"
+                };
+                ctx.metrics
+                    .recipients_refused
+                    .get_or_create(&KindLabel { kind })
+                    .inc_by(refused.count as u64);
+            }
+            ack(ctx, delivery).await;
+            if let Some(delivered) = &republishes.delivered {
+                tracing::info!(
+                    outcome = "partly-delivered",
+                    relay = %delivered.relay,
+                    delivered = delivered.recipients,
+                    refused_for_good = republishes.refused(true),
+                    refused_for_now = republishes.refused(false),
+                    relay_reply = delivered.reply.as_deref().unwrap_or(""),
+                    "delivered to some recipients; the refused ones are handled on their own"
+                );
+                ctx.metrics.jobs_delivered.inc();
+            }
+            outcome
+        }
+    }
+}
+
+/// Publishes one republish and waits for its confirm; logs and counts it once confirmed. False
+/// when the broker did not confirm it.
+async fn publish(ctx: &JobContext, delivery: &Delivery, republish: &Republish) -> bool {
+    let failure = &republish.failure;
+    let queue = match republish.to {
+        Target::Retry(delay) => ctx.topology.retry_queue(delay),
+        Target::DeadLetter => ctx.topology.dead_letter_queue.clone(),
+    };
+    let properties = republish_properties(&delivery.properties, failure);
+    let publish = Box::pin(
+        ctx.publisher
+            .publish("", &queue, &delivery.data, properties),
+    );
+    if let Err(publish_error) = publish.await {
+        tracing::error!(
+            %publish_error,
+            error = %failure.last_error,
+            queue = %queue,
+            "could not publish the job to {queue}; handing it back to the work queue"
+        );
+        return false;
+    }
+    let recipients = failure.recipients.as_deref().unwrap_or("");
+    match republish.to {
+        Target::Retry(delay) => {
+            tracing::warn!(
+                outcome = "retry",
+                kind = failure.kind.as_str(),
+                smtp_code = failure.smtp_code,
+                retry_in = %duration::format(delay),
+                queue = %queue,
+                recipients,
+                error = %failure.last_error,
+                "attempt failed; retrying later"
+            );
+            ctx.metrics.retried(failure.attempt);
+        }
+        Target::DeadLetter => {
+            tracing::error!(
+                outcome = failure.kind.as_str(),
+                smtp_code = failure.smtp_code,
+                queue = %queue,
+                recipients,
+                reason = %failure.last_error,
+                "job dead-lettered"
+            );
+            ctx.metrics.dead_lettered(failure.kind);
+        }
+    }
+    true
+}
+
+async fn ack(ctx: &JobContext, delivery: Delivery) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        // The channel this came on is gone: the broker will deliver the job again.
+        Ok(false) | Err(_) => {
+            ctx.metrics.possible_duplicates.inc();
+            tracing::warn!(
+                "could not ack: the broker connection was lost after the job was handled; the \
+                 broker will redeliver it (a possible duplicate)"
+            );
+        }
+    }
+}
+
+async fn requeue(ctx: &JobContext, delivery: Delivery) -> JobOutcome {
+    ctx.metrics.jobs_requeued.inc();
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    // If this fails too, the channel is gone and the broker requeues the job by itself.
+    let _ = delivery.acker.nack(options).await;
+    JobOutcome::Requeued
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lettre::Address;
+
+    use super::*;
+    use crate::amqp::Topology;
+    use crate::config::{AmqpConfig, RetryConfig};
+    use crate::pipeline::attempt::Failed;
+    use crate::policy::ErrorKind;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// Three attempts: waits of 100 ms and 200 ms, then exhausted.
+    fn schedule() -> Schedule {
+        Schedule::new(&RetryConfig {
+            initial_delay: MS(100),
+            multiplier: 2.0,
+            max_delay: MS(1000),
+            max_attempts: 3,
+            max_age: None,
+        })
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn meta(attempts_before: u32) -> DeliveryMeta {
+        DeliveryMeta {
+            attempts_before,
+            ..DeliveryMeta::default()
+        }
+    }
+
+    fn address(text: &str) -> Address {
+        text.parse().expect("address")
+    }
+
+    fn refusal(to: &str, code: u16) -> Refusal {
+        Refusal {
+            recipient: address(to),
+            code: Some(code),
+            reply: format!("{code} {}.1.1 no", code / 100),
+            permanent: code >= 500,
+        }
+    }
+
+    fn sent(accepted: &[&str], refused: Vec<Refusal>) -> Attempt {
+        Attempt::Sent {
+            sent: Sent {
+                reply: (!accepted.is_empty()).then(|| "250 2.0.0 queued as 4F1".to_string()),
+                accepted: accepted.iter().map(|a| address(a)).collect(),
+                refused,
+            },
+            relay: "main".into(),
+        }
+    }
+
+    fn failed(failure: Failure) -> Attempt {
+        Attempt::Failed(Failed {
+            failure,
+            error: "451 4.3.0 try later".into(),
+            smtp_code: Some(451),
+        })
+    }
+
+    fn republishes(settlement: &Settlement) -> Vec<&Republish> {
+        match settlement {
+            Settlement::RepublishThenAck(r) => r.all().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_failure_at_every_position_of_the_ladder() {
+        use Failure::*;
+        let retry = |ms| Some(Target::Retry(MS(ms)));
+        let dead = Some(Target::DeadLetter);
+        // (failure, attempts made before) → (target, error-kind, attempt header)
+        let table = [
+            (Transient, 0, retry(100), ErrorKind::Transient, 1),
+            (Transient, 1, retry(200), ErrorKind::Transient, 2),
+            (Transient, 2, dead, ErrorKind::Exhausted, 3),
+            (Transient, 9, dead, ErrorKind::Exhausted, 10),
+            (Ambiguous, 0, retry(100), ErrorKind::Ambiguous, 1),
+            (Ambiguous, 1, retry(200), ErrorKind::Ambiguous, 2),
+            (Ambiguous, 2, dead, ErrorKind::Exhausted, 3),
+            (Rejected, 0, dead, ErrorKind::Rejected, 1),
+            (Rejected, 2, dead, ErrorKind::Rejected, 3),
+            (Invalid, 0, dead, ErrorKind::Invalid, 1),
+            (Invalid, 1, dead, ErrorKind::Invalid, 2),
+            (Expired, 0, dead, ErrorKind::Expired, 1),
+            (Expired, 2, dead, ErrorKind::Expired, 3),
+        ];
+        for (failure, before, target, kind, attempt) in table {
+            let settlement = plan(failed(failure), &meta(before), &schedule(), now());
+            let row = format!("{failure:?} after {before}: {settlement:?}");
+            let [republish] = republishes(&settlement)[..] else {
+                panic!("one republish: {row}");
+            };
+            assert_eq!(Some(republish.to), target, "{row}");
+            assert_eq!(republish.failure.kind, kind, "{row}");
+            assert_eq!(republish.failure.attempt, attempt, "{row}");
+            assert_eq!(republish.failure.last_error, "451 4.3.0 try later");
+            assert_eq!(republish.failure.smtp_code, Some(451));
+            assert_eq!(republish.failure.failed_at, now(), "the clock passed in");
+            assert_eq!(republish.failure.recipients, None, "the whole job");
+            let expected = match target {
+                Some(Target::Retry(_)) => JobOutcome::Retried,
+                _ => JobOutcome::DeadLettered(kind),
+            };
+            assert_eq!(settlement.outcome(), expected, "{row}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_is_dead_lettered_when_the_policy_says_so() {
+        let schedule = schedule().dead_letter_ambiguous(true);
+        let settlement = plan(failed(Failure::Ambiguous), &meta(0), &schedule, now());
+        assert_eq!(
+            settlement.outcome(),
+            JobOutcome::DeadLettered(ErrorKind::Ambiguous)
+        );
+    }
+
+    #[test]
+    fn taken_by_every_recipient_is_an_ack() {
+        let settlement = plan(
+            sent(&["a@example.com", "b@example.com"], vec![]),
+            &meta(1),
+            &schedule(),
+            now(),
+        );
+        assert_eq!(
+            settlement,
+            Settlement::Ack(Delivered {
+                relay: "main".into(),
+                reply: Some("250 2.0.0 queued as 4F1".into()),
+                recipients: 2,
+            })
+        );
+        assert_eq!(settlement.outcome(), JobOutcome::Delivered);
+    }
+
+    #[test]
+    fn a_partial_delivery_republishes_each_kind_of_refusal_with_only_its_recipients() {
+        let attempt = sent(
+            &["a@example.com"],
+            vec![
+                refusal("gone@example.com", 550),
+                refusal("later@example.com", 450),
+                refusal("never@example.com", 553),
+            ],
+        );
+        let settlement = plan(attempt, &meta(0), &schedule(), now());
+        assert_eq!(settlement.outcome(), JobOutcome::PartlyDelivered);
+        let Settlement::RepublishThenAck(r) = &settlement else {
+            panic!("republishes: {settlement:?}");
+        };
+        let (republish, Some(also), Some(delivered)) = (&r.republish, &r.also, &r.delivered) else {
+            panic!("two republishes and a delivery: {settlement:?}");
+        };
+        assert_eq!((r.refused(true), r.refused(false)), (2, 1));
+        assert_eq!(delivered.recipients, 1);
+        assert_eq!(republish.to, Target::DeadLetter);
+        assert_eq!(republish.failure.kind, ErrorKind::Rejected);
+        assert_eq!(
+            republish.failure.recipients.as_deref(),
+            Some("gone@example.com,never@example.com")
+        );
+        assert_eq!(
+            republish.failure.last_error,
+            "gone@example.com: 550 5.1.1 no; never@example.com: 553 5.1.1 no"
+        );
+        assert_eq!(republish.failure.smtp_code, Some(550));
+        assert_eq!(
+            republish.refused,
+            Some(Refused {
+                permanent: true,
+                count: 2
+            })
+        );
+        assert_eq!(also.to, Target::Retry(MS(100)));
+        assert_eq!(also.failure.kind, ErrorKind::Transient);
+        assert_eq!(also.failure.attempt, 1);
+        assert_eq!(
+            also.failure.recipients.as_deref(),
+            Some("later@example.com")
+        );
+        assert_eq!(also.failure.smtp_code, Some(450));
+    }
+
+    #[test]
+    fn refused_for_now_on_the_last_attempt_is_exhausted_alone() {
+        let attempt = sent(&["a@example.com"], vec![refusal("later@example.com", 450)]);
+        let settlement = plan(attempt, &meta(2), &schedule(), now());
+        let [republish] = republishes(&settlement)[..] else {
+            panic!("one republish: {settlement:?}");
+        };
+        assert_eq!(republish.to, Target::DeadLetter);
+        assert_eq!(republish.failure.kind, ErrorKind::Exhausted);
+        assert_eq!(
+            republish.failure.recipients.as_deref(),
+            Some("later@example.com")
+        );
+        assert_eq!(settlement.outcome(), JobOutcome::PartlyDelivered);
+    }
+
+    #[test]
+    fn refused_by_every_recipient_is_not_a_delivery() {
+        let gone = plan(
+            sent(&[], vec![refusal("gone@example.com", 550)]),
+            &meta(0),
+            &schedule(),
+            now(),
+        );
+        assert_eq!(
+            gone.outcome(),
+            JobOutcome::DeadLettered(ErrorKind::Rejected)
+        );
+        let later = plan(
+            sent(&[], vec![refusal("later@example.com", 421)]),
+            &meta(0),
+            &schedule(),
+            now(),
+        );
+        assert_eq!(later.outcome(), JobOutcome::Retried);
+        assert!(matches!(&later, Settlement::RepublishThenAck(r) if r.delivered.is_none()));
+    }
+
+    /// The state the issue forbids: an ack while a refused recipient is neither retried nor
+    /// dead-lettered. Over every mix of taken and refused recipients and every position of the
+    /// ladder, each refused recipient is in exactly one republish, and no taken one is.
+    #[test]
+    fn no_refused_recipient_is_ever_acked_away() {
+        let everyone = [
+            ("a1@example.com", 250),
+            ("a2@example.com", 250),
+            ("p1@example.com", 550),
+            ("p2@example.com", 552),
+            ("t1@example.com", 450),
+            ("t2@example.com", 452),
+        ];
+        for mask in 1u32..(1 << everyone.len()) {
+            for before in 0..4 {
+                let chosen: Vec<_> = (0..everyone.len())
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| everyone[i])
+                    .collect();
+                let accepted: Vec<&str> = chosen
+                    .iter()
+                    .filter(|(_, c)| *c == 250)
+                    .map(|(a, _)| *a)
+                    .collect();
+                let refused: Vec<Refusal> = chosen
+                    .iter()
+                    .filter(|(_, c)| *c != 250)
+                    .map(|(a, c)| refusal(a, *c))
+                    .collect();
+                let expected: Vec<String> =
+                    refused.iter().map(|r| r.recipient.to_string()).collect();
+                let settlement = plan(sent(&accepted, refused), &meta(before), &schedule(), now());
+                let mut recorded: Vec<String> = republishes(&settlement)
+                    .iter()
+                    .flat_map(|r| {
+                        r.failure
+                            .recipients
+                            .as_deref()
+                            .unwrap_or_default()
+                            .split(',')
+                            .map(str::to_string)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                recorded.sort();
+                let mut expected = expected;
+                expected.sort();
+                assert_eq!(
+                    recorded, expected,
+                    "{chosen:?} after {before}: {settlement:?}"
+                );
+                assert_eq!(
+                    matches!(settlement, Settlement::Ack(_)),
+                    expected.is_empty(),
+                    "an ack only when nobody refused: {settlement:?}"
+                );
+            }
+        }
+    }
+
+    /// Every retry the ladder can ask for has a declared queue to go to.
+    #[test]
+    fn every_retry_target_is_a_declared_queue() {
+        let schedule = Schedule::new(&RetryConfig::default());
+        let topology = Topology::new(&AmqpConfig::default(), &schedule);
+        for before in 0..schedule.max_attempts() + 2 {
+            let settlement = plan(failed(Failure::Transient), &meta(before), &schedule, now());
+            for republish in republishes(&settlement) {
+                if let Target::Retry(delay) = republish.to {
+                    let queue = topology.retry_queue(delay);
+                    assert!(
+                        topology.retry_queues.iter().any(|(_, name)| *name == queue),
+                        "{queue} is declared"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn abandoned_is_left_to_the_broker() {
+        let settlement = plan(Attempt::Abandoned, &meta(1), &schedule(), now());
+        assert_eq!(settlement, Settlement::Abandon);
+        assert_eq!(settlement.outcome(), JobOutcome::Abandoned);
+        assert_eq!(
+            Settlement::AlreadyHandled.outcome(),
+            JobOutcome::AlreadyHandled
+        );
+    }
+
+    #[test]
+    fn not_after_and_max_age_with_the_clock_passed_in() {
+        let hour = Duration::from_secs(3600);
+        let now = now();
+        // not_after
+        let past = expired(Some(now - hour), None, None, now).expect("past not_after");
+        assert!(
+            past.starts_with("not sent: past the job's not_after ("),
+            "{past}"
+        );
+        assert_eq!(expired(Some(now + hour), None, None, now), None);
+        assert_eq!(
+            expired(Some(now), None, None, now),
+            None,
+            "at the instant is still in time"
+        );
+        // max_age, counted from the first failure
+        let old = expired(None, Some(now - 2 * hour), Some(hour), now).expect("too old");
+        assert!(old.contains("retry.max_age = 1h has passed"), "{old}");
+        assert_eq!(expired(None, Some(now - hour / 2), Some(hour), now), None);
+        assert_eq!(expired(None, None, Some(hour), now), None, "never failed");
+        assert_eq!(
+            expired(None, Some(now - 2 * hour), None, now),
+            None,
+            "no max_age"
+        );
+        assert_eq!(
+            expired(None, Some(now + hour), Some(hour), now),
+            None,
+            "a first failure in the future (clock skew) is not an expiry"
+        );
+        // not_after wins over max_age
+        let both =
+            expired(Some(now - hour), Some(now - 2 * hour), Some(hour), now).expect("expired");
+        assert!(both.contains("not_after"), "{both}");
+    }
+}

@@ -1,0 +1,214 @@
+//! The one owner of stopping: the tokens, the job tasks and the phases
+//! running → draining (within `shutdown.grace`) → forced.
+//!
+//! Like mini-redis's `Shutdown`, it is passed in, never global: the binary cancels `requested` on
+//! SIGTERM and `force` on a second signal; a test cancels its own tokens. Whichever way the worker
+//! stops (a request while consuming, while reconnecting, or a fatal topology error), [`drain`]
+//! runs exactly once: later calls wait for the first one to end and do nothing more.
+//!
+//! [`drain`]: Shutdown::drain
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::task::TaskTracker;
+
+/// Where the worker is on its way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Taking deliveries.
+    Running = 0,
+    /// No new deliveries; the jobs in flight finish within `shutdown.grace`.
+    Draining = 1,
+    /// The grace ran out or a second stop came: what has not finished goes back to the queue.
+    Forced = 2,
+    /// Every job task ended within the grace.
+    Drained = 3,
+}
+
+impl Phase {
+    fn from_u8(value: u8) -> Phase {
+        match value {
+            0 => Phase::Running,
+            1 => Phase::Draining,
+            2 => Phase::Forced,
+            _ => Phase::Drained,
+        }
+    }
+}
+
+/// How the worker stops.
+#[derive(Debug)]
+pub struct Shutdown {
+    /// A stop was asked for: take no more deliveries.
+    requested: CancellationToken,
+    /// A second stop: do not wait for the jobs in flight any more.
+    force: CancellationToken,
+    /// Cancelled when the drain ends (drained, grace over or forced): a job that has not started
+    /// sending gives up, and its delivery goes back to the queue.
+    abandon: CancellationToken,
+    /// Every job task, across broker sessions.
+    jobs: TaskTracker,
+    grace: Duration,
+    phase: AtomicU8,
+    drained: OnceCell<()>,
+}
+
+impl Shutdown {
+    /// `requested` and `force` are the caller's (the binary's signals, or a test's tokens).
+    pub fn new(requested: CancellationToken, force: CancellationToken, grace: Duration) -> Self {
+        Self {
+            requested,
+            force,
+            abandon: CancellationToken::new(),
+            jobs: TaskTracker::new(),
+            grace,
+            phase: AtomicU8::new(Phase::Running as u8),
+            drained: OnceCell::new(),
+        }
+    }
+
+    /// Resolves once a stop was asked for.
+    pub fn requested(&self) -> WaitForCancellationFuture<'_> {
+        self.requested.cancelled()
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.is_cancelled()
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    /// A token for the jobs of one broker session: cancelled when that session's channel is lost
+    /// (by the caller), and when the drain ends (by this).
+    pub fn abandon_token(&self) -> CancellationToken {
+        self.abandon.child_token()
+    }
+
+    /// Runs one job as a tracked task: the drain waits for it.
+    pub fn spawn_job<F>(&self, job: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.jobs.spawn(job);
+    }
+
+    /// Jobs still running.
+    pub fn jobs_in_flight(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Waits for the jobs in flight, at most `shutdown.grace`, or until `force`; then every job
+    /// that has not started sending gives up. Runs once: a second call waits for the first.
+    pub async fn drain(&self) {
+        self.drained
+            .get_or_init(|| async {
+                self.set_phase(Phase::Draining);
+                self.jobs.close();
+                tokio::select! {
+                    _ = self.jobs.wait() => {}
+                    _ = tokio::time::sleep(self.grace) => {
+                        self.set_phase(Phase::Forced);
+                        tracing::warn!(
+                            unfinished = self.jobs.len(),
+                            grace = ?self.grace,
+                            "jobs still running after shutdown.grace; they go back to the queue unacked"
+                        );
+                    }
+                    _ = self.force.cancelled() => {
+                        self.set_phase(Phase::Forced);
+                        tracing::warn!(
+                            unfinished = self.jobs.len(),
+                            "stopping at once; unfinished jobs go back to the queue unacked"
+                        );
+                    }
+                }
+                // Whatever has not started sending must not start now: it goes back to the queue.
+                self.abandon.cancel();
+                if self.phase() == Phase::Draining {
+                    self.set_phase(Phase::Drained);
+                }
+            })
+            .await;
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn shutdown(grace: Duration) -> (Arc<Shutdown>, CancellationToken, CancellationToken) {
+        let requested = CancellationToken::new();
+        let force = CancellationToken::new();
+        let s = Shutdown::new(requested.clone(), force.clone(), grace);
+        (Arc::new(s), requested, force)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_the_jobs_and_runs_once() {
+        let (s, requested, _force) = shutdown(Duration::from_secs(30));
+        let finished = Arc::new(AtomicUsize::new(0));
+        for secs in [1, 2] {
+            let finished = finished.clone();
+            s.spawn_job(async move {
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        requested.cancel();
+        assert!(s.is_requested());
+        let started = tokio::time::Instant::now();
+        // Two drains at once, and one after: the jobs are waited for once, by the first.
+        tokio::join!(s.drain(), s.drain());
+        assert_eq!(finished.load(Ordering::SeqCst), 2);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(s.phase(), Phase::Drained);
+        let again = tokio::time::Instant::now();
+        s.drain().await;
+        assert_eq!(again.elapsed(), Duration::ZERO);
+        assert!(s.abandon_token().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grace_over_abandons_the_jobs_that_have_not_started_sending() {
+        let (s, _requested, _force) = shutdown(Duration::from_secs(5));
+        let abandon = s.abandon_token();
+        s.spawn_job(async { tokio::time::sleep(Duration::from_secs(60)).await });
+        let started = tokio::time::Instant::now();
+        assert!(!abandon.is_cancelled());
+        s.drain().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(abandon.is_cancelled(), "a job not yet sending gives up");
+        assert_eq!(s.phase(), Phase::Forced);
+        assert_eq!(s.jobs_in_flight(), 1, "the long job was left to the broker");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn force_ends_the_drain_at_once() {
+        let (s, _requested, force) = shutdown(Duration::from_secs(30));
+        s.spawn_job(async { tokio::time::sleep(Duration::from_secs(60)).await });
+        let drain = {
+            let s = s.clone();
+            tokio::spawn(async move { s.drain().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(s.phase(), Phase::Draining);
+        force.cancel();
+        drain.await.expect("drain ended");
+        assert_eq!(s.phase(), Phase::Forced);
+        assert!(s.abandon_token().is_cancelled());
+    }
+}
