@@ -259,6 +259,62 @@ async fn broker_connection_cut_mid_stream_resumes_within_seconds_and_delivers_al
     );
 }
 
+/// A stop that comes while the worker is reconnecting (its connect hanging on a broker that
+/// accepts and never answers) still waits for the jobs in flight: `run` returns only once the
+/// job that was sending has finished, not while it still runs against a closed SMTP pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_reconnecting_still_drains_the_jobs_in_flight() {
+    let smtp = SmtpServer::start();
+    // The relay answers the end of the data after 3 s: the job is still sending when the broker
+    // goes away and when the stop comes.
+    smtp.set_data_delay(Duration::from_secs(3));
+    let broker = Broker::new("stopreconnect").await;
+    let proxy = Proxy::start(broker_addr());
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy));
+    // The reconnect hangs until the stop rather than failing first.
+    config.amqp.connect_timeout = Duration::from_secs(60);
+    config.shutdown.grace = Duration::from_secs(10);
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    broker
+        .publish(job("inflight-1", "ann@example.com").as_bytes())
+        .await;
+    smtp.wait_for(WAIT, "the job's DATA", |s| s.data_commands() >= 1)
+        .await;
+
+    proxy.set_blackhole(true);
+    let before = proxy.connections_total();
+    proxy.cut_all();
+    worker.wait_for_phase(Phase::Reconnecting, WAIT).await;
+    assert!(
+        proxy
+            .wait_until(WAIT, |s| s.connections_total > before)
+            .await,
+        "the worker is connecting again"
+    );
+    assert!(
+        smtp.messages().is_empty(),
+        "the stop comes while the job is still sending"
+    );
+    let metrics = worker.handles.metrics.clone();
+    worker.stop().await.expect("clean stop");
+
+    let event = events
+        .try_recv()
+        .expect("the job in flight had finished when the worker stopped");
+    assert_eq!(event.job_id.as_deref(), Some("inflight-1"));
+    assert_eq!(event.outcome, JobOutcome::Delivered);
+    assert_eq!(smtp.messages().len(), 1, "sent once");
+    let text = metrics.encode();
+    assert_eq!(
+        metric(&text, "amqp_mailer_possible_duplicates_total"),
+        1.0,
+        "its ack was lost with the connection, and counted: {text}"
+    );
+    assert_eq!(metric(&text, "amqp_mailer_jobs_in_flight"), 0.0, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_blackholed_is_detected_by_heartbeat_and_consumption_resumes() {
     let smtp = SmtpServer::start();
