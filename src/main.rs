@@ -1,16 +1,16 @@
 //! The `amqp-mailer` binary: command-line parsing and wiring only.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use amqp_mailer::app::{self, Handles, RunError};
 use amqp_mailer::config::{self, Config, duration};
+use amqp_mailer::telemetry;
 use amqp_mailer::tools::ToolError;
 use amqp_mailer::tools::dead_letters::{self, Filter};
+use amqp_mailer::tools::health::{self, HealthArgs};
 use amqp_mailer::tools::publish::{self, JobFlags, JobSource};
-use amqp_mailer::{http, telemetry};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -154,16 +154,6 @@ impl FilterArgs {
     }
 }
 
-#[derive(Args)]
-struct HealthArgs {
-    /// Address of the worker's HTTP listener; defaults to http.listen.
-    #[arg(long, value_name = "HOST:PORT")]
-    addr: Option<SocketAddr>,
-    /// Check /healthz (alive) instead of /readyz (ready).
-    #[arg(long)]
-    live: bool,
-}
-
 fn parse_duration(text: &str) -> Result<Duration, String> {
     duration::parse(text)
 }
@@ -194,7 +184,7 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::Publish(args) => tool(publish_job(&config, args)),
         Command::DeadLetters(command) => tool(dead_letters(&config, command)),
-        Command::Health(args) => health(&config, args),
+        Command::Health(args) => tool(health::run(&config, args)),
     }
 }
 
@@ -340,41 +330,6 @@ fn print_table(letters: &[dead_letters::DeadLetter]) {
         );
     }
     eprintln!("{} dead letters", letters.len());
-}
-
-fn health(config: &Config, args: HealthArgs) -> ExitCode {
-    let Some(addr) = args.addr.or(config.http.listen) else {
-        eprintln!(
-            "amqp-mailer: health: no address; set http.listen (AMQP_MAILER_HTTP__LISTEN) or \
-             pass --addr"
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    // A listener on 0.0.0.0 is reached on loopback from inside the container.
-    let addr = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let Some(runtime) = runtime(1) else {
-        return ExitCode::FAILURE;
-    };
-    let path = if args.live { "/healthz" } else { "/readyz" };
-    let result = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(5), http::check(addr, path))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer from {addr} within 5 s")))
-    });
-    match result {
-        Ok(body) => {
-            println!("{body}");
-            ExitCode::SUCCESS
-        }
-        Err(reason) => {
-            eprintln!("amqp-mailer: not ready: {reason}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// First SIGTERM or SIGINT: drain. Second: stop at once.
