@@ -10,7 +10,7 @@ use amqp_mailer::telemetry;
 use amqp_mailer::tools::ToolError;
 use amqp_mailer::tools::dead_letters::{self, Filter};
 use amqp_mailer::tools::health::{self, HealthArgs};
-use amqp_mailer::tools::publish::{self, JobFlags, JobSource};
+use amqp_mailer::tools::publish::{self, PublishArgs};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -44,10 +44,6 @@ enum Command {
     /// Run the worker (the default).
     Run,
     /// Enqueue one job, confirmed by the broker, and print its id.
-    #[command(
-        after_help = "Examples:\n  amqp-mailer publish --to ann@example.com --subject Hi --text 'Hello Ann'\n  \
-                            amqp-mailer publish --file job.json\n  echo '{...}' | amqp-mailer publish --file -"
-    )]
     Publish(PublishArgs),
     /// Look at the dead-letter queue, or move jobs from it back to the work queue.
     #[command(subcommand, name = "dead-letters")]
@@ -56,45 +52,6 @@ enum Command {
     Config,
     /// Ask a running worker whether it is ready (GET /readyz); exit 0 if so, 1 if not.
     Health(HealthArgs),
-}
-
-#[derive(Args)]
-struct PublishArgs {
-    /// A JSON job file; `-` reads standard input. Instead of the job flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["to", "cc", "bcc", "subject", "text", "html", "attach", "header", "from", "reply_to", "id"])]
-    file: Option<PathBuf>,
-    /// Job id (idempotency key; gives the Message-ID). Generated when absent.
-    #[arg(long)]
-    id: Option<String>,
-    /// Sender; defaults to the worker's smtp.from.
-    #[arg(long)]
-    from: Option<String>,
-    /// Recipient (repeatable).
-    #[arg(long)]
-    to: Vec<String>,
-    /// Copy recipient (repeatable).
-    #[arg(long)]
-    cc: Vec<String>,
-    /// Blind copy recipient (repeatable).
-    #[arg(long)]
-    bcc: Vec<String>,
-    /// Reply-To address (repeatable).
-    #[arg(long = "reply-to")]
-    reply_to: Vec<String>,
-    #[arg(long)]
-    subject: Option<String>,
-    /// Plain-text body.
-    #[arg(long)]
-    text: Option<String>,
-    /// HTML body.
-    #[arg(long)]
-    html: Option<String>,
-    /// A file to attach (repeatable); its content type is guessed from the extension.
-    #[arg(long, value_name = "FILE")]
-    attach: Vec<PathBuf>,
-    /// An extra header, "Name: value" (repeatable).
-    #[arg(long)]
-    header: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -182,7 +139,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
-        Command::Publish(args) => tool(publish_job(&config, args)),
+        Command::Publish(args) => tool(publish::run(&config, args)),
         Command::DeadLetters(command) => tool(dead_letters(&config, command)),
         Command::Health(args) => tool(health::run(&config, args)),
     }
@@ -241,28 +198,6 @@ fn tool(future: impl Future<Output = Result<(), ToolError>>) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-async fn publish_job(config: &Config, args: PublishArgs) -> Result<(), ToolError> {
-    let source = match args.file {
-        Some(file) => JobSource::File(file),
-        None => JobSource::Flags(Box::new(JobFlags {
-            id: args.id,
-            from: args.from,
-            reply_to: args.reply_to,
-            to: args.to,
-            cc: args.cc,
-            bcc: args.bcc,
-            subject: args.subject,
-            text: args.text,
-            html: args.html,
-            headers: args.header,
-            attach: args.attach,
-        })),
-    };
-    let id = publish::publish(config, source).await?;
-    println!("{id}");
-    Ok(())
 }
 
 async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result<(), ToolError> {
