@@ -18,6 +18,7 @@ use lapin::{Channel, Connection};
 use super::ToolError;
 use crate::amqp::{self, Publisher, header_text, replay_properties};
 use crate::config::{Config, duration};
+use crate::policy::ErrorKind;
 
 /// Most matches a command acts on when `--limit` is not given.
 const DEFAULT_LIMIT: usize = 1000;
@@ -62,8 +63,8 @@ pub struct ReplayArgs {
 /// Which dead letters a command is about, and how many it looks at.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Filter {
-    /// Only this error kind: rejected, invalid, exhausted (repeatable).
-    #[arg(long = "kind", value_name = "KIND")]
+    /// `error-kind` values to match; empty matches all.
+    #[arg(long = "kind", value_name = "KIND", help = kind_help())]
     pub kinds: Vec<String>,
     /// Only those that failed at least this long ago, e.g. 1h.
     #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
@@ -94,6 +95,17 @@ impl Default for Filter {
             scan: DEFAULT_SCAN,
         }
     }
+}
+
+/// The `--kind` help, from [`ErrorKind::ALL`] so that a new kind cannot be missing from it;
+/// `broker:` kinds are those [`DeadLetter::from_delivery`] makes of `x-first-death-reason`.
+fn kind_help() -> String {
+    let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|kind| kind.as_str()).collect();
+    format!(
+        "Only this error kind (repeatable): {}, or broker:REASON for one the broker \
+         dead-lettered itself (REASON from x-first-death-reason, e.g. broker:delivery_limit)",
+        kinds.join(", ")
+    )
 }
 
 fn positive_rate(text: &str) -> Result<f64, String> {
@@ -487,6 +499,33 @@ mod tests {
         };
         assert!(!old.matches(&newer, now) && new.matches(&newer, now));
         assert!(old.matches(&Filter::default(), now));
+    }
+
+    #[test]
+    fn kind_help_names_every_error_kind_and_the_broker_kinds() {
+        use clap::{Args as _, CommandFactory as _};
+        for command in [
+            ListArgs::augment_args(clap::Command::new("list")),
+            ReplayArgs::augment_args(clap::Command::new("replay")),
+        ] {
+            let kind = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some("kind"))
+                .expect("--kind");
+            let help = kind.get_help().expect("help").to_string();
+            for error_kind in ErrorKind::ALL {
+                assert!(help.contains(error_kind.as_str()), "{error_kind:?}: {help}");
+            }
+            assert!(help.contains("broker:"), "{help}");
+            assert!(help.contains("(repeatable)"), "{help}");
+        }
+        // The subcommands as the binary mounts them.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: Command,
+        }
+        Cli::command().debug_assert();
     }
 
     #[test]
