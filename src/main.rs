@@ -1,4 +1,7 @@
-//! The `amqp-mailer` binary: command-line parsing and wiring only.
+//! The `amqp-mailer` binary: wiring only. It parses the command line, loads the configuration
+//! (a bad one exits 64 before anything connects), starts the runtime, telemetry and signal
+//! handling for the worker, and hands each tool its own flags: the tools' flags, output and exit
+//! statuses live in `amqp_mailer::tools`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
