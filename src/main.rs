@@ -1,17 +1,18 @@
-//! The `amqp-mailer` binary: command-line parsing and wiring only.
+//! The `amqp-mailer` binary: wiring only. It parses the command line, loads the configuration
+//! (a bad one exits 64 before anything connects), starts the runtime, telemetry and signal
+//! handling for the worker, and hands each tool its own flags: the tools' flags, output and exit
+//! statuses live in `amqp_mailer::tools`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use amqp_mailer::app::{self, Handles, RunError};
-use amqp_mailer::config::{self, Config, duration};
-use amqp_mailer::tools::ToolError;
-use amqp_mailer::tools::dead_letters::{self, Filter};
-use amqp_mailer::tools::publish::{self, JobFlags, JobSource};
-use amqp_mailer::{http, telemetry};
-use clap::{Args, Parser, Subcommand};
+use amqp_mailer::config::{self, Config};
+use amqp_mailer::telemetry;
+use amqp_mailer::tools::health::{self, HealthArgs};
+use amqp_mailer::tools::publish::{self, PublishArgs};
+use amqp_mailer::tools::{ToolError, dead_letters};
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 /// The status for any configuration error, before anything is connected (sysexits EX_USAGE).
@@ -44,137 +45,14 @@ enum Command {
     /// Run the worker (the default).
     Run,
     /// Enqueue one job, confirmed by the broker, and print its id.
-    #[command(
-        after_help = "Examples:\n  amqp-mailer publish --to ann@example.com --subject Hi --text 'Hello Ann'\n  \
-                            amqp-mailer publish --file job.json\n  echo '{...}' | amqp-mailer publish --file -"
-    )]
     Publish(PublishArgs),
     /// Look at the dead-letter queue, or move jobs from it back to the work queue.
     #[command(subcommand, name = "dead-letters")]
-    DeadLetters(DeadLetterCommand),
+    DeadLetters(dead_letters::Command),
     /// Print the effective configuration (TOML), secrets redacted.
     Config,
     /// Ask a running worker whether it is ready (GET /readyz); exit 0 if so, 1 if not.
     Health(HealthArgs),
-}
-
-#[derive(Args)]
-struct PublishArgs {
-    /// A JSON job file; `-` reads standard input. Instead of the job flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["to", "cc", "bcc", "subject", "text", "html", "attach", "header", "from", "reply_to", "id"])]
-    file: Option<PathBuf>,
-    /// Job id (idempotency key; gives the Message-ID). Generated when absent.
-    #[arg(long)]
-    id: Option<String>,
-    /// Sender; defaults to the worker's smtp.from.
-    #[arg(long)]
-    from: Option<String>,
-    /// Recipient (repeatable).
-    #[arg(long)]
-    to: Vec<String>,
-    /// Copy recipient (repeatable).
-    #[arg(long)]
-    cc: Vec<String>,
-    /// Blind copy recipient (repeatable).
-    #[arg(long)]
-    bcc: Vec<String>,
-    /// Reply-To address (repeatable).
-    #[arg(long = "reply-to")]
-    reply_to: Vec<String>,
-    #[arg(long)]
-    subject: Option<String>,
-    /// Plain-text body.
-    #[arg(long)]
-    text: Option<String>,
-    /// HTML body.
-    #[arg(long)]
-    html: Option<String>,
-    /// A file to attach (repeatable); its content type is guessed from the extension.
-    #[arg(long, value_name = "FILE")]
-    attach: Vec<PathBuf>,
-    /// An extra header, "Name: value" (repeatable).
-    #[arg(long)]
-    header: Vec<String>,
-}
-
-#[derive(Subcommand)]
-enum DeadLetterCommand {
-    /// List dead letters (id, kind, attempts, when, reason). Removes nothing.
-    List {
-        #[command(flatten)]
-        filter: FilterArgs,
-        /// Print JSON lines instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Move matching dead letters back to the work queue with a fresh attempt count. Each is
-    /// published and confirmed before it is removed.
-    Replay {
-        #[command(flatten)]
-        filter: FilterArgs,
-        /// Most jobs moved per second.
-        #[arg(long, default_value_t = 50.0, value_parser = positive_rate)]
-        rate: f64,
-        /// Only list what would be replayed.
-        #[arg(long)]
-        dry_run: bool,
-    },
-}
-
-#[derive(Args)]
-struct FilterArgs {
-    /// Only this error kind: rejected, invalid, exhausted (repeatable).
-    #[arg(long)]
-    kind: Vec<String>,
-    /// Only those that failed at least this long ago, e.g. 1h.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    older_than: Option<Duration>,
-    /// Only those that failed at most this long ago, e.g. 30m.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    newer_than: Option<Duration>,
-    /// Only the job with this id.
-    #[arg(long)]
-    id: Option<String>,
-    /// Stop after this many matches.
-    #[arg(long, default_value_t = 1000)]
-    limit: usize,
-    /// Look at most at this many dead letters (they are held unacked while looked at).
-    #[arg(long, default_value_t = 10_000)]
-    scan: u16,
-}
-
-impl FilterArgs {
-    fn filter(&self) -> Filter {
-        Filter {
-            kinds: self.kind.clone(),
-            older_than: self.older_than,
-            newer_than: self.newer_than,
-            id: self.id.clone(),
-        }
-    }
-}
-
-#[derive(Args)]
-struct HealthArgs {
-    /// Address of the worker's HTTP listener; defaults to http.listen.
-    #[arg(long, value_name = "HOST:PORT")]
-    addr: Option<SocketAddr>,
-    /// Check /healthz (alive) instead of /readyz (ready).
-    #[arg(long)]
-    live: bool,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    duration::parse(text)
-}
-
-fn positive_rate(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err(format!(
-            "`{text}` is not a positive number of jobs per second"
-        )),
-    }
 }
 
 fn main() -> ExitCode {
@@ -192,9 +70,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
-        Command::Publish(args) => tool(publish_job(&config, args)),
-        Command::DeadLetters(command) => tool(dead_letters(&config, command)),
-        Command::Health(args) => health(&config, args),
+        Command::Publish(args) => tool(publish::run(&config, args)),
+        Command::DeadLetters(command) => tool(dead_letters::run(&config, command)),
+        Command::Health(args) => tool(health::run(&config, args)),
     }
 }
 
@@ -249,130 +127,6 @@ fn tool(future: impl Future<Output = Result<(), ToolError>>) -> ExitCode {
         Err(e) => {
             eprintln!("amqp-mailer: {e}");
             ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-async fn publish_job(config: &Config, args: PublishArgs) -> Result<(), ToolError> {
-    let source = match args.file {
-        Some(file) => JobSource::File(file),
-        None => JobSource::Flags(Box::new(JobFlags {
-            id: args.id,
-            from: args.from,
-            reply_to: args.reply_to,
-            to: args.to,
-            cc: args.cc,
-            bcc: args.bcc,
-            subject: args.subject,
-            text: args.text,
-            html: args.html,
-            headers: args.header,
-            attach: args.attach,
-        })),
-    };
-    let id = publish::publish(config, source).await?;
-    println!("{id}");
-    Ok(())
-}
-
-async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result<(), ToolError> {
-    match command {
-        DeadLetterCommand::List { filter, json } => {
-            let letters =
-                dead_letters::list(config, &filter.filter(), filter.limit, filter.scan).await?;
-            if json {
-                for letter in &letters {
-                    println!(
-                        "{}",
-                        serde_json::to_string(letter).unwrap_or_else(|e| e.to_string())
-                    );
-                }
-            } else {
-                print_table(&letters);
-            }
-            Ok(())
-        }
-        DeadLetterCommand::Replay {
-            filter,
-            rate,
-            dry_run,
-        } => {
-            if dry_run {
-                let letters =
-                    dead_letters::list(config, &filter.filter(), filter.limit, filter.scan).await?;
-                print_table(&letters);
-                eprintln!("dry run: {} would be replayed", letters.len());
-                return Ok(());
-            }
-            let report = dead_letters::replay(
-                config,
-                &filter.filter(),
-                filter.limit,
-                filter.scan,
-                rate,
-                |letter| println!("replayed {}", letter.id.as_deref().unwrap_or("-")),
-            )
-            .await?;
-            eprintln!(
-                "replayed {} of {} dead letters looked at, to '{}'",
-                report.replayed, report.looked_at, config.amqp.queue
-            );
-            Ok(())
-        }
-    }
-}
-
-fn print_table(letters: &[dead_letters::DeadLetter]) {
-    println!(
-        "{:<36} {:<10} {:>8} {:<24} REASON",
-        "ID", "KIND", "ATTEMPTS", "FAILED AT"
-    );
-    for letter in letters {
-        let reason = letter.reason.as_deref().unwrap_or("-");
-        let reason: String = reason.chars().take(100).collect();
-        println!(
-            "{:<36} {:<10} {:>8} {:<24} {}",
-            letter.id.as_deref().unwrap_or("-"),
-            letter.kind.as_deref().unwrap_or("-"),
-            letter.attempts.as_deref().unwrap_or("-"),
-            letter.failed_at.as_deref().unwrap_or("-"),
-            reason.replace(['\r', '\n'], " ")
-        );
-    }
-    eprintln!("{} dead letters", letters.len());
-}
-
-fn health(config: &Config, args: HealthArgs) -> ExitCode {
-    let Some(addr) = args.addr.or(config.http.listen) else {
-        eprintln!(
-            "amqp-mailer: health: no address; set http.listen (AMQP_MAILER_HTTP__LISTEN) or \
-             pass --addr"
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    // A listener on 0.0.0.0 is reached on loopback from inside the container.
-    let addr = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let Some(runtime) = runtime(1) else {
-        return ExitCode::FAILURE;
-    };
-    let path = if args.live { "/healthz" } else { "/readyz" };
-    let result = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(5), http::check(addr, path))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer from {addr} within 5 s")))
-    });
-    match result {
-        Ok(body) => {
-            println!("{body}");
-            ExitCode::SUCCESS
-        }
-        Err(reason) => {
-            eprintln!("amqp-mailer: not ready: {reason}");
-            ExitCode::FAILURE
         }
     }
 }

@@ -462,3 +462,19 @@ async fn every_subcommand_has_help() {
         assert!(stdout.contains(flag), "publish --help mentions {flag}");
     }
 }
+
+#[tokio::test]
+async fn dead_letters_kind_help_names_every_kind() {
+    for command in ["list", "replay"] {
+        let (status, stdout, stderr) = run_to_end(&["dead-letters", command, "--help"], &[]).await;
+        assert!(status.success(), "{command}: {stderr}");
+        let kind = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with("--kind"))
+            .expect("a --kind line");
+        for error_kind in amqp_mailer::policy::ErrorKind::ALL {
+            assert!(kind.contains(error_kind.as_str()), "{command}: {kind}");
+        }
+        assert!(kind.contains("broker:"), "{command}: {kind}");
+    }
+}

@@ -17,30 +17,122 @@ use lapin::{Channel, Connection};
 
 use super::ToolError;
 use crate::amqp::{self, Publisher, header_text, replay_properties};
-use crate::config::Config;
+use crate::config::{Config, duration};
+use crate::policy::ErrorKind;
 
-/// Which dead letters a command is about.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    /// `error-kind` values to match; empty matches all.
-    pub kinds: Vec<String>,
-    /// Only those that failed at least this long ago.
-    pub older_than: Option<Duration>,
-    /// Only those that failed at most this long ago.
-    pub newer_than: Option<Duration>,
-    /// Only this job id.
-    pub id: Option<String>,
+/// Most matches a command acts on when `--limit` is not given.
+const DEFAULT_LIMIT: usize = 1000;
+/// Most dead letters looked at when `--scan` is not given: they are all held unacked at once.
+const DEFAULT_SCAN: u16 = 10_000;
+
+/// `amqp-mailer dead-letters`: its two subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// List dead letters (id, kind, attempts, when, reason). Removes nothing.
+    List(ListArgs),
+    /// Move matching dead letters back to the work queue with a fresh attempt count. Each is
+    /// published and confirmed before it is removed.
+    Replay(ReplayArgs),
 }
 
-/// One dead letter, as listed.
+/// The flags of `amqp-mailer dead-letters list`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ListArgs {
+    /// Which dead letters.
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The flags of `amqp-mailer dead-letters replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// Which dead letters.
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Most jobs moved per second.
+    #[arg(long, default_value_t = 50.0, value_parser = positive_rate)]
+    pub rate: f64,
+    /// Only list what would be replayed.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Which dead letters a command is about, and how many it looks at.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Filter {
+    /// `error-kind` values to match; empty matches all.
+    #[arg(long = "kind", value_name = "KIND", help = kind_help())]
+    pub kinds: Vec<String>,
+    /// Only those that failed at least this long ago, e.g. 1h.
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    pub older_than: Option<Duration>,
+    /// Only those that failed at most this long ago, e.g. 30m.
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    pub newer_than: Option<Duration>,
+    /// Only the job with this id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Stop after this many matches.
+    #[arg(long, default_value_t = DEFAULT_LIMIT)]
+    pub limit: usize,
+    /// Look at most at this many dead letters (they are held unacked while looked at).
+    #[arg(long, default_value_t = DEFAULT_SCAN)]
+    pub scan: u16,
+}
+
+/// Matches everything, with the same bounds as the command line's defaults.
+impl Default for Filter {
+    fn default() -> Self {
+        Self {
+            kinds: Vec::new(),
+            older_than: None,
+            newer_than: None,
+            id: None,
+            limit: DEFAULT_LIMIT,
+            scan: DEFAULT_SCAN,
+        }
+    }
+}
+
+/// The `--kind` help, from [`ErrorKind::ALL`] so that a new kind cannot be missing from it;
+/// `broker:` kinds are those [`DeadLetter::from_delivery`] makes of `x-first-death-reason`.
+fn kind_help() -> String {
+    let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|kind| kind.as_str()).collect();
+    format!(
+        "Only this error kind (repeatable): {}, or broker:REASON for one the broker \
+         dead-lettered itself (REASON from x-first-death-reason, e.g. broker:delivery_limit)",
+        kinds.join(", ")
+    )
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "`{text}` is not a positive number of jobs per second"
+        )),
+    }
+}
+
+/// One dead letter, as listed: the worker's headers as written, `None` where one is missing.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
+    /// The job's `id`, else the AMQP message id.
     pub id: Option<String>,
+    /// `error-kind`, or `broker:<x-first-death-reason>` for one the broker dead-lettered.
     pub kind: Option<String>,
+    /// `last-error`: why, in words, the SMTP reply included.
     pub reason: Option<String>,
+    /// `attempt`: attempts made.
     pub attempts: Option<String>,
+    /// `smtp-code`: the relay's last reply code.
     pub smtp_code: Option<String>,
+    /// `failed-at` (RFC 3339).
     pub failed_at: Option<String>,
+    /// Size of the body.
     pub bytes: usize,
 }
 
@@ -106,20 +198,89 @@ impl DeadLetter {
     }
 }
 
-/// Lists up to `max` dead letters matching `filter`, looking at most at `scan` of them. Removes
-/// nothing.
-pub async fn list(
-    config: &Config,
-    filter: &Filter,
-    max: usize,
-    scan: u16,
-) -> Result<Vec<DeadLetter>, ToolError> {
+/// `amqp-mailer dead-letters list|replay`: runs the subcommand and prints what it did, the
+/// table or JSON lines on standard output, counts on standard error.
+pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
+    match command {
+        Command::List(args) => {
+            let letters = list(config, &args.filter).await?;
+            if args.json {
+                for letter in &letters {
+                    println!(
+                        "{}",
+                        serde_json::to_string(letter).unwrap_or_else(|e| e.to_string())
+                    );
+                }
+            } else {
+                print_table(&letters);
+            }
+            Ok(())
+        }
+        Command::Replay(args) if args.dry_run => {
+            let letters = list(config, &args.filter).await?;
+            print_table(&letters);
+            eprintln!("dry run: {} would be replayed", letters.len());
+            Ok(())
+        }
+        Command::Replay(args) => {
+            let report = replay(config, &args.filter, args.rate, |letter| {
+                println!("replayed {}", letter.id.as_deref().unwrap_or("-"))
+            })
+            .await?;
+            eprintln!(
+                "replayed {} of {} dead letters looked at, to '{}'",
+                report.replayed, report.looked_at, config.amqp.queue
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The table on standard output, its row count on standard error (so that a pipe gets rows only).
+fn print_table(letters: &[DeadLetter]) {
+    print!("{}", table(letters));
+    eprintln!("{} dead letters", letters.len());
+}
+
+/// Longest reason shown in a row: enough for an SMTP reply, short enough for a terminal.
+const REASON_CHARS: usize = 100;
+
+/// One header line and one line per dead letter; a missing value is `-`, and a reason is cut to
+/// [`REASON_CHARS`] characters on one line.
+fn table(letters: &[DeadLetter]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "{:<36} {:<10} {:>8} {:<24} REASON",
+        "ID", "KIND", "ATTEMPTS", "FAILED AT"
+    );
+    for letter in letters {
+        let reason = letter.reason.as_deref().unwrap_or("-");
+        let reason: String = reason.chars().take(REASON_CHARS).collect();
+        let _ = writeln!(
+            out,
+            "{:<36} {:<10} {:>8} {:<24} {}",
+            letter.id.as_deref().unwrap_or("-"),
+            letter.kind.as_deref().unwrap_or("-"),
+            letter.attempts.as_deref().unwrap_or("-"),
+            letter.failed_at.as_deref().unwrap_or("-"),
+            reason.replace(['\r', '\n'], " ")
+        );
+    }
+    out
+}
+
+/// Lists up to `filter.limit` dead letters matching `filter`, looking at most at `filter.scan` of
+/// them. Removes nothing.
+pub async fn list(config: &Config, filter: &Filter) -> Result<Vec<DeadLetter>, ToolError> {
     let connection = connect(config, "dead-letters-list").await?;
     let result = async {
-        let (channel, mut reader) = Reader::open(&connection, config, scan).await?;
+        let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
         let now = SystemTime::now();
         let mut found = Vec::new();
-        while found.len() < max {
+        while found.len() < filter.limit {
             let Some(delivery) = reader.next().await? else {
                 break;
             };
@@ -140,17 +301,18 @@ pub async fn list(
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReplayReport {
+    /// Moved back to the work queue and removed from the dead letters.
     pub replayed: usize,
+    /// Dead letters read, matching or not.
     pub looked_at: usize,
 }
 
-/// Moves up to `max` matching dead letters back to the work queue with a fresh attempt count, at
-/// most `rate` per second. Each is published and confirmed before it is removed.
+/// Moves up to `filter.limit` matching dead letters (looking at most at `filter.scan`) back to the
+/// work queue with a fresh attempt count, at most `rate` per second. Each is published and
+/// confirmed before it is removed.
 pub async fn replay(
     config: &Config,
     filter: &Filter,
-    max: usize,
-    scan: u16,
     rate: f64,
     mut on_replayed: impl FnMut(&DeadLetter),
 ) -> Result<ReplayReport, ToolError> {
@@ -161,12 +323,12 @@ pub async fn replay(
             .attach(&connection)
             .await
             .map_err(|e| ToolError::Broker(e.to_string()))?;
-        let (channel, mut reader) = Reader::open(&connection, config, scan).await?;
+        let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
         let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = SystemTime::now();
         let mut report = ReplayReport::default();
-        while report.replayed < max {
+        while report.replayed < filter.limit {
             let Some(delivery) = reader.next().await? else {
                 break;
             };
@@ -337,5 +499,70 @@ mod tests {
         };
         assert!(!old.matches(&newer, now) && new.matches(&newer, now));
         assert!(old.matches(&Filter::default(), now));
+    }
+
+    #[test]
+    fn kind_help_names_every_error_kind_and_the_broker_kinds() {
+        use clap::{Args as _, CommandFactory as _};
+        for command in [
+            ListArgs::augment_args(clap::Command::new("list")),
+            ReplayArgs::augment_args(clap::Command::new("replay")),
+        ] {
+            let kind = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some("kind"))
+                .expect("--kind");
+            let help = kind.get_help().expect("help").to_string();
+            for error_kind in ErrorKind::ALL {
+                assert!(help.contains(error_kind.as_str()), "{error_kind:?}: {help}");
+            }
+            assert!(help.contains("broker:"), "{help}");
+            assert!(help.contains("(repeatable)"), "{help}");
+        }
+        // The subcommands as the binary mounts them.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: Command,
+        }
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn table_has_a_header_a_row_each_and_one_line_reasons() {
+        let mut long = letter("rejected", SystemTime::now());
+        long.reason = Some(format!("550 5.1.1 no\r\nsuch user {}", "x".repeat(200)));
+        long.attempts = Some("3".into());
+        let mut bare = letter("invalid", SystemTime::now());
+        bare.id = None;
+        bare.kind = None;
+        bare.failed_at = None;
+        let text = table(&[long, bare]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("ID ") && lines[0].ends_with(" REASON"),
+            "{text}"
+        );
+        let reason = lines[1].split_once("550").expect("reason").1;
+        assert_eq!(reason.chars().count() + 3, REASON_CHARS, "cut: {text}");
+        assert!(lines[1].contains("550 5.1.1 no  such user"), "{text}");
+        assert!(lines[1].contains("rejected"), "{text}");
+        assert!(lines[2].starts_with("- "), "{text}");
+        assert!(lines[2].trim_end().ends_with('-'), "{text}");
+    }
+
+    #[test]
+    fn default_filter_has_the_command_line_bounds() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            filter: Filter,
+        }
+        let parsed = <Cli as clap::Parser>::try_parse_from(["list"]).expect("no flags");
+        let default = Filter::default();
+        assert_eq!(parsed.filter.limit, default.limit);
+        assert_eq!(parsed.filter.scan, default.scan);
+        assert!(parsed.filter.kinds.is_empty() && parsed.filter.id.is_none());
     }
 }

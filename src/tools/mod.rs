@@ -1,12 +1,17 @@
 //! The command-line tools beside the worker: publish, dead letters, health.
+//!
+//! Each tool owns its flags (a struct deriving clap's `Args`, which the binary mounts as a
+//! subcommand), what it prints, and its exit status through [`ToolError`]; `main.rs` only
+//! dispatches to a tool's `run`.
 
 pub mod dead_letters;
+pub mod health;
 pub mod publish;
 
 /// Why a tool failed; each kind has its own exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
-    /// Wrong flags or unreadable input files (exit 64).
+    /// Wrong flags, unreadable input files, or a missing address (exit 64).
     #[error("{0}")]
     Usage(String),
     /// The job would be dead-lettered as invalid (exit 65).
@@ -15,15 +20,20 @@ pub enum ToolError {
     /// The broker could not be reached or refused (exit 69).
     #[error("{0}")]
     Broker(String),
+    /// `health`: the worker answered not ready, or did not answer (exit 1).
+    #[error("not ready: {0}")]
+    NotReady(String),
 }
 
 impl ToolError {
-    /// sysexits.h: EX_USAGE, EX_DATAERR, EX_UNAVAILABLE.
+    /// sysexits.h: EX_USAGE, EX_DATAERR, EX_UNAVAILABLE; and 1 for "not ready", the plain
+    /// failure that container and systemd probes expect from a health check.
     pub fn exit_code(&self) -> u8 {
         match self {
             ToolError::Usage(_) => 64,
             ToolError::InvalidJob(_) => 65,
             ToolError::Broker(_) => 69,
+            ToolError::NotReady(_) => 1,
         }
     }
 }
