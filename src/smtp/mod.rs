@@ -1,8 +1,8 @@
 //! Sending over SMTP: a pool of lettre client sessions, a deadline on every send, and the
 //! classification of every failure where it is born.
 //!
-//! Several relays (failover or weighted round-robin, `relays.rs`) each have a pool of sessions,
-//! a rate limit and an overload window (`pool.rs`, `flow.rs`); a transaction keeps each
+//! Several relays (failover or weighted round-robin, `relay_set.rs`) each have a pool of sessions,
+//! a rate limit and an overload window (`relay.rs`, `flow.rs`); a transaction keeps each
 //! recipient's reply (`transaction.rs`).
 //!
 //! The pool is ours rather than lettre's `AsyncSmtpTransport` pool, for three reasons measured or
@@ -15,16 +15,16 @@
 
 mod connect;
 pub mod flow;
-mod pool;
-mod relays;
+mod relay;
+mod relay_set;
 mod transaction;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use connect::TlsSetupError;
-pub use pool::{Relay, RelayLimits, is_relay_failure};
-pub use relays::RelaySet;
+pub use relay::{Relay, RelayLimits, is_relay_failure};
+pub use relay_set::RelaySet;
 pub use transaction::{Refusal, Sent};
 
 /// How far a send got; an error says where it happened.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::SendError;
-use super::pool::{Relay, is_relay_failure};
+use super::relay::{Relay, is_relay_failure};
 use super::transaction::Sent;
 use crate::config::RelayMode;
 use crate::message::Outgoing;
