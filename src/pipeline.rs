@@ -23,7 +23,7 @@ use crate::job::{self, Limits};
 use crate::message::{self, MessageDefaults};
 use crate::metrics::{KindLabel, Metrics};
 use crate::policy::{Decision, ErrorKind, Outcome, Schedule};
-use crate::smtp::{FailureClass, Refusal, RelaySet, Sent};
+use crate::smtp::{Abandoned, Attempted, JobMeaning, Refusal, RelaySet, Sent};
 
 /// Pause before handing a job back when its retry or dead letter could not be published, so
 /// that a broker refusing publishes is not hammered by the same jobs in a tight loop.
@@ -201,14 +201,16 @@ impl Worker {
                 Err(reason) => return Attempt::failed(Outcome::Invalid, reason),
             }
         }
-        let (result, relay) = self.relays.send(&out, abandon).await;
+        let Attempted { relay, result } = match self.relays.send(&out, abandon).await {
+            Ok(attempted) => attempted,
+            Err(Abandoned) => return Attempt::Abandoned,
+        };
         match result {
             Ok(sent) => Attempt::Sent { sent, relay },
             Err(error) => {
-                let outcome = match error.class {
-                    FailureClass::Abandoned => return Attempt::Abandoned,
-                    FailureClass::Permanent => Outcome::Rejected,
-                    FailureClass::Transient | FailureClass::Timeout if error.is_ambiguous() => {
+                let outcome = match error.verdict().job() {
+                    JobMeaning::Rejected => Outcome::Rejected,
+                    JobMeaning::Ambiguous => {
                         self.metrics.jobs_ambiguous.inc();
                         tracing::warn!(
                             relay = %relay,
@@ -218,8 +220,8 @@ impl Worker {
                         );
                         Outcome::Ambiguous
                     }
-                    FailureClass::Transient | FailureClass::Timeout => Outcome::Transient,
-                    FailureClass::Auth => {
+                    JobMeaning::Retry => Outcome::Transient,
+                    JobMeaning::Auth => {
                         tracing::error!(
                             relay = %relay,
                             error = %error,
@@ -232,7 +234,7 @@ impl Worker {
                 Attempt::Failed {
                     outcome,
                     error: error.to_string(),
-                    smtp_code: error.code,
+                    smtp_code: error.code(),
                 }
             }
         }
