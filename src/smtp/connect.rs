@@ -45,11 +45,14 @@ pub(crate) struct Connector {
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
 pub struct TlsSetupError {
+    /// The configuration key at fault, e.g. `smtp.ca_file`.
     pub key: &'static str,
+    /// What is wrong with it.
     pub message: String,
 }
 
 impl Connector {
+    /// Reads the CA file and prepares TLS and credentials; opens no connection.
     pub(crate) fn new(config: &SmtpConfig) -> Result<Self, TlsSetupError> {
         let extra_roots = match &config.ca_file {
             Some(path) => {

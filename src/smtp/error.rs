@@ -39,7 +39,8 @@ impl Stage {
             4 => Stage::Mail,
             5 => Stage::Rcpt,
             6 => Stage::Data,
-            _ => Stage::DataEnd,
+            // Only `Stage as u8` is ever stored.
+            7..=u8::MAX => Stage::DataEnd,
         }
     }
 
@@ -152,8 +153,8 @@ pub enum Verdict {
     /// The relay is closing or refusing sessions because it is overloaded (421, too many
     /// connections at the greeting).
     RelayOverloaded,
-    /// The relay could not be reached, secured or greeted, or did not answer before the
-    /// message was sent.
+    /// The relay could not be reached, secured or greeted, refused us before MAIL FROM, or
+    /// stopped answering before the message was sent.
     RelayUnavailable,
     /// May pass on a later attempt; says nothing about the relay.
     Deferred,
@@ -230,8 +231,9 @@ impl Verdict {
         if is_rejection(code, enhanced, stage) {
             return Verdict::Rejected;
         }
-        // The relay is closing the session (shutdown, idle, too many connections): it says
-        // nothing about the message, and a relay that does it is struggling.
+        // Before MAIL FROM every refusal is about the relay. 421, at any stage, is the relay
+        // closing the session (shutdown, idle, too many connections): nothing about the
+        // message, and a relay that does it is struggling.
         Verdict::transient(
             overload(code, enhanced, text),
             stage.is_session() || code == 421,
@@ -456,11 +458,6 @@ impl SendError {
     pub fn stage(&self) -> Stage {
         self.stage
     }
-
-    /// The message was sent and the verdict never came (`Verdict::Ambiguous`).
-    pub fn is_ambiguous(&self) -> bool {
-        self.verdict == Verdict::Ambiguous
-    }
 }
 
 impl fmt::Display for SendError {
@@ -660,6 +657,25 @@ mod tests {
                 "4.7.0 Temporary authentication failure",
                 Stage::Auth,
                 RelayUnavailable,
+            ),
+            // Gmail's "application-specific password required", and RFC 4954's X.7.11.
+            (
+                534,
+                "5.7.9 Application-specific password required.",
+                Stage::Auth,
+                Verdict::Auth,
+            ),
+            (
+                538,
+                "5.7.11 Encryption required for requested authentication mechanism",
+                Stage::Auth,
+                Verdict::Auth,
+            ),
+            (
+                554,
+                "5.7.0 Authentication not permitted",
+                Stage::Auth,
+                Verdict::Auth,
             ),
             // Credentials invalid, whatever the basic code says.
             (
