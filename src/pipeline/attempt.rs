@@ -14,7 +14,7 @@ use super::settle;
 use crate::job;
 use crate::message;
 use crate::policy::Failure;
-use crate::smtp::{FailureClass, SendError, Sent};
+use crate::smtp::{Abandoned, Attempted, JobMeaning, SendError, Sent};
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -91,26 +91,27 @@ async fn send(
             Err(reason) => return Attempt::failed(Failure::Invalid, reason),
         }
     }
-    let (result, relay) = ctx.relays.send(&out, abandon).await;
+    let Attempted { relay, result } = match ctx.relays.send(&out, abandon).await {
+        Ok(attempted) => attempted,
+        Err(Abandoned) => return Attempt::Abandoned,
+    };
     match result {
         Ok(sent) => Attempt::Sent { sent, relay },
-        Err(error) => match failure_of(ctx, &error, &relay) {
-            Some(failure) => Attempt::Failed(Failed {
-                failure,
-                error: error.to_string(),
-                smtp_code: error.code,
-            }),
-            None => Attempt::Abandoned,
-        },
+        Err(error) => Attempt::Failed(Failed {
+            failure: failure_of(ctx, &error, &relay),
+            error: error.to_string(),
+            smtp_code: error.code(),
+        }),
     }
 }
 
-/// What a failed send means for the job; `None` when it was given up before sending.
-fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Option<Failure> {
-    Some(match error.class {
-        FailureClass::Abandoned => return None,
-        FailureClass::Permanent => Failure::Rejected,
-        FailureClass::Transient | FailureClass::Timeout if error.is_ambiguous() => {
+/// What a failed send means for the job. The smtp module decided it where the failure was born;
+/// here the operator is told about the two kinds that need their attention.
+fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Failure {
+    match error.verdict().job() {
+        JobMeaning::Rejected => Failure::Rejected,
+        JobMeaning::Retry => Failure::Transient,
+        JobMeaning::Ambiguous => {
             ctx.metrics.jobs_ambiguous.inc();
             tracing::warn!(
                 relay = %relay,
@@ -120,8 +121,7 @@ fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Option<Failur
             );
             Failure::Ambiguous
         }
-        FailureClass::Transient | FailureClass::Timeout => Failure::Transient,
-        FailureClass::Auth => {
+        JobMeaning::Auth => {
             tracing::error!(
                 relay = %relay,
                 error = %error,
@@ -130,7 +130,7 @@ fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Option<Failur
             );
             Failure::Transient
         }
-    })
+    }
 }
 
 /// The envelope narrowed to the `recipients` header: each listed address must be one of the

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
 
-use super::{FailureClass, SendError, Stage};
+use super::error::{Local, SendError, Stage, StageCell};
 use crate::config::{AuthMechanism, SmtpConfig, TlsMode};
 
 /// Everything needed to open a session, prepared once at start-up.
@@ -45,11 +45,14 @@ pub(crate) struct Connector {
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
 pub struct TlsSetupError {
+    /// The configuration key at fault, e.g. `smtp.ca_file`.
     pub key: &'static str,
+    /// What is wrong with it.
     pub message: String,
 }
 
 impl Connector {
+    /// Reads the CA file and prepares TLS and credentials; opens no connection.
     pub(crate) fn new(config: &SmtpConfig) -> Result<Self, TlsSetupError> {
         let extra_roots = match &config.ca_file {
             Some(path) => {
@@ -171,7 +174,7 @@ impl Connector {
     /// `stage` follows the progress, for errors.
     pub(crate) async fn connect(
         &self,
-        stage: &super::StageCell,
+        stage: &StageCell,
     ) -> Result<(AsyncSmtpConnection, bool), SendError> {
         stage.set(Stage::Connect);
         let tcp = match tokio::time::timeout(
@@ -182,17 +185,15 @@ impl Connector {
         {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
-                return Err(SendError::new(
-                    FailureClass::Transient,
-                    None,
+                return Err(SendError::local(
+                    Local::Broken,
                     format!("cannot connect to {}: {e}", self.endpoint()),
                     Stage::Connect,
                 ));
             }
             Err(_) => {
-                return Err(SendError::new(
-                    FailureClass::Timeout,
-                    None,
+                return Err(SendError::local(
+                    Local::TimedOut,
                     format!(
                         "no TCP connection to {} within {:?}",
                         self.endpoint(),
@@ -209,9 +210,8 @@ impl Connector {
             Some((connector, name)) => {
                 stage.set(Stage::Tls);
                 let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
-                    SendError::new(
-                        FailureClass::Transient,
-                        None,
+                    SendError::local(
+                        Local::Broken,
                         format!("TLS handshake with {} failed: {e}", self.endpoint()),
                         Stage::Tls,
                     )
@@ -224,19 +224,18 @@ impl Connector {
         stage.set(Stage::Greeting);
         let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello)
             .await
-            .map_err(|e| super::classify(&e, Stage::Greeting))?;
+            .map_err(|e| SendError::from_lettre(&e, Stage::Greeting))?;
 
         if let Some(params) = &self.starttls {
             if conn.can_starttls() {
                 stage.set(Stage::Tls);
                 conn.starttls(params.clone(), &self.hello)
                     .await
-                    .map_err(|e| super::classify(&e, Stage::Tls))?;
+                    .map_err(|e| SendError::from_lettre(&e, Stage::Tls))?;
             } else if self.mode == TlsMode::Starttls {
                 conn.abort().await;
-                return Err(SendError::new(
-                    FailureClass::Transient,
-                    None,
+                return Err(SendError::local(
+                    Local::Broken,
                     format!(
                         "{} does not offer STARTTLS and smtp.tls = \"starttls\" requires it",
                         self.endpoint()
@@ -254,7 +253,7 @@ impl Connector {
                 .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING")),
             Err(e) => {
                 conn.abort().await;
-                return Err(super::classify(&e, Stage::Greeting));
+                return Err(SendError::from_lettre(&e, Stage::Greeting));
             }
         };
 
@@ -262,7 +261,7 @@ impl Connector {
             stage.set(Stage::Auth);
             if let Err(e) = conn.auth(&self.mechanisms, credentials).await {
                 conn.abort().await;
-                return Err(super::classify(&e, Stage::Auth));
+                return Err(SendError::from_lettre(&e, Stage::Auth));
             }
         }
         Ok((conn, pipelining))

@@ -12,7 +12,7 @@ use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParam
 use lettre::transport::smtp::response::Response;
 use tokio_util::sync::CancellationToken;
 
-use super::{FailureClass, SendError, Stage, StageCell, classify};
+use super::error::{JobMeaning, Local, SendError, Stage, StageCell, Stop, Verdict};
 use crate::message::Outgoing;
 
 /// What a relay did with a message.
@@ -30,16 +30,18 @@ pub struct Sent {
 /// A recipient the relay would not take.
 #[derive(Debug, Clone)]
 pub struct Refusal {
+    /// The recipient refused.
     pub recipient: Address,
+    /// The relay's reply code.
     pub code: Option<u16>,
     /// The reply, e.g. `550 5.1.1 no such user`.
     pub reply: String,
-    /// For good (5xx about the recipient), or for now (4xx).
+    /// For good (the reply's verdict is `Verdict::Rejected`), or for now.
     pub permanent: bool,
 }
 
 pub(super) struct TransactionFailure {
-    pub(super) error: SendError,
+    pub(super) error: Stop,
     /// The relay closed a reused session before the transaction started: try a new one.
     pub(super) stale_session: bool,
     /// The session is in a clean state (after RSET) and can go back to the pool.
@@ -186,12 +188,12 @@ pub(super) async fn transaction(
     if non_ascii_addresses {
         if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
             return Err(TransactionFailure {
-                error: SendError::new(
-                    FailureClass::Permanent,
-                    None,
+                error: SendError::local(
+                    Local::Unsendable,
                     "an address is not ASCII and the relay does not support SMTPUTF8".into(),
                     Stage::Mail,
-                ),
+                )
+                .into(),
                 stale_session: false,
                 session_reusable: true,
             });
@@ -218,28 +220,24 @@ pub(super) async fn transaction(
         // 221 and the like: the relay is saying goodbye, as some do to idle sessions.
         Ok(reply) => {
             return Err(TransactionFailure {
-                error: SendError::new(
-                    FailureClass::Transient,
-                    Some(u16::from(reply.code())),
-                    format!(
-                        "unexpected reply {} {}",
-                        u16::from(reply.code()),
-                        reply.message().collect::<Vec<_>>().join(" ")
-                    ),
+                error: SendError::unexpected(
+                    u16::from(reply.code()),
+                    &reply.message().collect::<Vec<_>>().join(" "),
                     Stage::Mail,
-                ),
+                )
+                .into(),
                 stale_session: true,
                 session_reusable: false,
             });
         }
         Err(e) => {
-            let error = classify(e, Stage::Mail);
+            let error = SendError::from_lettre(e, Stage::Mail);
             // No reply code: the socket is gone. 421: the relay is closing it.
-            let gone = replies.broken || error.code == Some(421);
+            let gone = replies.broken || error.code() == Some(421);
             return Err(TransactionFailure {
                 stale_session: gone,
                 session_reusable: !gone && !in_data && reset(conn).await,
-                error,
+                error: error.into(),
             });
         }
     }
@@ -251,32 +249,33 @@ pub(super) async fn transaction(
         match reply {
             Ok(_) => accepted.push(recipient.clone()),
             Err(e) => {
-                let error = classify(e, Stage::Rcpt);
-                match error.class {
-                    FailureClass::Permanent | FailureClass::Transient
-                        if error.code.is_some() && error.code != Some(421) =>
+                let error = SendError::from_lettre(e, Stage::Rcpt);
+                match error.verdict() {
+                    // A reply about this recipient alone: the others still get the message.
+                    Verdict::Rejected | Verdict::Throttled | Verdict::Deferred
+                        if error.code().is_some() =>
                     {
                         refused.push(Refusal {
                             recipient: recipient.clone(),
-                            code: error.code,
-                            reply: error.message,
-                            permanent: error.class == FailureClass::Permanent,
+                            code: error.code(),
+                            reply: error.message().to_string(),
+                            permanent: error.verdict().job() == JobMeaning::Rejected,
                         });
                     }
-                    // No reply, the relay closing, or wanting authentication: not about this
-                    // recipient, so the whole message failed.
-                    FailureClass::Permanent
-                    | FailureClass::Transient
-                    | FailureClass::Auth
-                    | FailureClass::Timeout
-                    | FailureClass::Abandoned => {
-                        let mut error = error;
-                        error.message = format!("{} (recipient {recipient})", error.message);
-                        let reusable = !replies.broken && !in_data && error.code != Some(421);
+                    // No reply, the relay closing or failing, or wanting authentication: not
+                    // about this recipient, so the whole message failed.
+                    Verdict::Rejected
+                    | Verdict::Throttled
+                    | Verdict::Deferred
+                    | Verdict::Auth
+                    | Verdict::Ambiguous
+                    | Verdict::RelayOverloaded
+                    | Verdict::RelayUnavailable => {
+                        let reusable = !replies.broken && !in_data && error.code() != Some(421);
                         return Err(TransactionFailure {
                             session_reusable: reusable && reset(conn).await,
                             stale_session: false,
-                            error,
+                            error: error.context(format_args!("recipient {recipient}")).into(),
                         });
                     }
                 }
@@ -285,12 +284,12 @@ pub(super) async fn transaction(
     }
     if replies.broken {
         return Err(TransactionFailure {
-            error: SendError::new(
-                FailureClass::Transient,
-                None,
+            error: SendError::local(
+                Local::Broken,
                 "the relay closed the connection during the envelope".into(),
                 Stage::Rcpt,
-            ),
+            )
+            .into(),
             stale_session: false,
             session_reusable: false,
         });
@@ -313,22 +312,22 @@ pub(super) async fn transaction(
     match replies.data {
         Some(Ok(_)) => {}
         Some(Err(e)) => {
-            let error = classify(&e, Stage::Data);
-            let reusable = error.code != Some(421);
+            let error = SendError::from_lettre(&e, Stage::Data);
+            let reusable = error.code() != Some(421);
             return Err(TransactionFailure {
                 session_reusable: reusable && reset(conn).await,
                 stale_session: false,
-                error,
+                error: error.into(),
             });
         }
         None => {
             return Err(TransactionFailure {
-                error: SendError::new(
-                    FailureClass::Transient,
-                    None,
+                error: SendError::local(
+                    Local::Broken,
                     "the relay did not answer every command".into(),
                     Stage::Data,
-                ),
+                )
+                .into(),
                 stale_session: false,
                 session_reusable: false,
             });
@@ -337,7 +336,7 @@ pub(super) async fn transaction(
     // Last moment to give up without the relay having the message.
     if abandon.is_cancelled() {
         return Err(TransactionFailure {
-            error: abandoned(Stage::Data),
+            error: Stop::Abandoned,
             stale_session: false,
             session_reusable: false,
         });
@@ -369,25 +368,16 @@ pub(super) async fn transaction(
             true,
         )),
         Err(e) => {
-            let error = classify(&e, Stage::DataEnd);
+            let error = SendError::from_lettre(&e, Stage::DataEnd);
             // After the final reply the transaction is over; no RSET needed.
-            let reusable = error.code.is_some() && error.code != Some(421);
+            let reusable = error.code().is_some() && error.code() != Some(421);
             Err(TransactionFailure {
-                error,
+                error: error.into(),
                 stale_session: false,
                 session_reusable: reusable,
             })
         }
     }
-}
-
-pub(super) fn abandoned(stage: Stage) -> SendError {
-    SendError::new(
-        FailureClass::Abandoned,
-        None,
-        "given up before sending: the delivery can no longer be acked".into(),
-        stage,
-    )
 }
 
 /// RSET after a refused command; true if the session is clean again.

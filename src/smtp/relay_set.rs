@@ -6,12 +6,23 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use super::SendError;
-use super::pool::{Relay, is_relay_failure};
+use super::error::{Abandoned, Local, SendError, Stage};
+use super::relay::Relay;
 use super::transaction::Sent;
 use crate::config::RelayMode;
 use crate::message::Outgoing;
 
+/// What one send through the relays came to: the relay that gave the final answer, and that
+/// answer.
+#[derive(Debug)]
+pub struct Attempted {
+    /// The relay's name; empty only if no relay is configured.
+    pub relay: String,
+    /// What the relay did with the message, or the failure with its verdict.
+    pub result: Result<Sent, SendError>,
+}
+
+/// The configured relays, tried in the order `relays.mode` says.
 pub struct RelaySet {
     relays: Vec<Arc<Relay>>,
     mode: RelayMode,
@@ -20,6 +31,7 @@ pub struct RelaySet {
 }
 
 impl RelaySet {
+    /// The relays, in configuration order.
     pub fn new(relays: Vec<Relay>, mode: RelayMode) -> Self {
         let current = Mutex::new(vec![0; relays.len()]);
         Self {
@@ -29,6 +41,7 @@ impl RelaySet {
         }
     }
 
+    /// The relays, in configuration order.
     pub fn relays(&self) -> &[Arc<Relay>] {
         &self.relays
     }
@@ -76,47 +89,54 @@ impl RelaySet {
         best
     }
 
-    /// Sends through the relays in order: a relay that cannot be reached, secured or logged
-    /// into, or that is closing, passes the job to the next one; any other outcome is final.
-    /// Returns the outcome and the relay that gave it.
+    /// Sends through the relays in order: a failure whose verdict says something about the
+    /// relay (`Verdict::is_relay_failure`: it cannot be reached, secured or logged into, or it is
+    /// closing) passes the job to the next one; any other outcome is final. `Err(Abandoned)` when
+    /// `abandon` was cancelled before the message was written: not a failure, nothing to settle.
     pub async fn send(
         &self,
         out: &Outgoing,
         abandon: &CancellationToken,
-    ) -> (Result<Sent, SendError>, String) {
+    ) -> Result<Attempted, Abandoned> {
         let order = self.order();
         let last = order.len().saturating_sub(1);
         for (i, relay) in order.into_iter().enumerate() {
-            let result = relay.send(out, abandon).await;
+            let result = relay.send(out, abandon).await?;
             match &result {
-                Err(e) if i < last && is_relay_failure(e) && !e.is_ambiguous() => {
+                Err(e) if i < last && e.verdict().is_relay_failure() => {
                     tracing::info!(
                         relay = relay.name(),
                         error = %e,
                         "relay unavailable; trying the next one"
                     );
                 }
-                _ => return (result, relay.name().to_string()),
+                Ok(_) | Err(_) => {
+                    return Ok(Attempted {
+                        relay: relay.name().to_string(),
+                        result,
+                    });
+                }
             }
         }
         // Only reached without relays, which configuration does not allow.
-        (
-            Err(SendError::new(
-                super::FailureClass::Transient,
-                None,
+        Ok(Attempted {
+            relay: String::new(),
+            result: Err(SendError::local(
+                Local::Broken,
                 "no relay configured".into(),
-                super::Stage::Connect,
+                Stage::Connect,
             )),
-            String::new(),
-        )
+        })
     }
 
+    /// Closes every relay's sessions idle longer than `smtp.pool_idle_timeout`.
     pub async fn reap_idle(&self) {
         for relay in &self.relays {
             relay.reap_idle().await;
         }
     }
 
+    /// Closes every relay's pool (see `Relay::close`).
     pub async fn close(&self) {
         futures_util::future::join_all(self.relays.iter().map(|r| r.close())).await;
     }

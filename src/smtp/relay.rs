@@ -10,9 +10,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Connector, TlsSetupError};
-use super::flow::{RateLimit, Window, is_overload};
-use super::transaction::{Sent, abandoned, transaction};
-use super::{FailureClass, SendError, Stage, StageCell};
+use super::error::{Abandoned, JobMeaning, Local, SendError, Stage, StageCell, Stop};
+use super::flow::{RateLimit, Window};
+use super::transaction::{Sent, transaction};
 use crate::config::SmtpConfig;
 use crate::message::Outgoing;
 use crate::metrics::RelayMetrics;
@@ -64,9 +64,13 @@ pub struct RelayLimits {
     pub max_idle: usize,
     /// Messages per second, evenly spaced; `None` for no limit.
     pub rate: Option<f64>,
+    /// Whether an overload reply halves the window and makes the job wait its turn again.
     pub flow_control: bool,
+    /// Overload replies one send may wait out before it fails.
     pub overload_retries: u32,
+    /// Relay failures in a row that start a cool-down.
     pub failures_to_cooldown: u32,
+    /// How long a failing relay is skipped.
     pub cooldown: Duration,
 }
 
@@ -126,10 +130,12 @@ impl Relay {
         })
     }
 
+    /// The relay's name, for logs and metrics.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Its share in round-robin mode (at least 1).
     pub fn weight(&self) -> u32 {
         self.weight
     }
@@ -169,7 +175,7 @@ impl Relay {
             Ok(_) => {
                 self.failures.store(0, Ordering::Relaxed);
             }
-            Err(e) if is_relay_failure(e) => {
+            Err(e) if e.verdict().is_relay_failure() => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if failures >= self.failures_to_cooldown {
                     let mut until = self.cooling_until.lock().unwrap_or_else(|e| e.into_inner());
@@ -193,27 +199,27 @@ impl Relay {
     /// Sends one message: waits for the rate limit and the overload window, then sends within
     /// the deadline (`smtp.timeout`). An overload reply makes the job wait its turn again instead
     /// of failing, `overload_retries` times at most. Once `abandon` is cancelled, a send that has
-    /// not yet started writing the message gives up.
+    /// not yet started writing the message gives up: `Err(Abandoned)`, which counts in neither
+    /// the metrics nor the relay's health.
     pub async fn send(
         &self,
         out: &Outgoing,
         abandon: &CancellationToken,
-    ) -> Result<Sent, SendError> {
+    ) -> Result<Result<Sent, SendError>, Abandoned> {
         let mut overloads = 0;
         loop {
             if let Some(rate) = &self.rate {
                 rate.acquire().await;
             }
             let slot = self.window.acquire().await;
-            let result = self.send_once(out, abandon).await;
+            let result = match self.send_once(out, abandon).await {
+                Ok(sent) => Ok(sent),
+                Err(Stop::Failed(error)) => Err(error),
+                Err(Stop::Abandoned) => return Err(Abandoned),
+            };
             match &result {
                 Ok(_) => slot.succeeded(),
-                Err(e)
-                    if self.flow_control
-                        && !e.is_ambiguous()
-                        && e.class != FailureClass::Abandoned
-                        && is_overload(e.code, &e.message) =>
-                {
+                Err(e) if self.flow_control && e.verdict().is_overload() => {
                     slot.overloaded();
                     self.metrics.overloads.inc();
                     self.metrics.window.set(self.window.limit() as i64);
@@ -227,47 +233,46 @@ impl Relay {
             }
             self.metrics.window.set(self.window.limit() as i64);
             self.record_health(&result);
-            return result;
+            return Ok(result);
         }
     }
 
-    async fn send_once(
-        &self,
-        out: &Outgoing,
-        abandon: &CancellationToken,
-    ) -> Result<Sent, SendError> {
+    async fn send_once(&self, out: &Outgoing, abandon: &CancellationToken) -> Result<Sent, Stop> {
         let started = Instant::now();
         let stage = StageCell::new();
         let send = self.send_inner(out, &stage, abandon);
         let result = match tokio::time::timeout(self.deadline, send).await {
             Ok(result) => result,
             // The cancelled send's session was dropped, never returned to the pool half-done.
-            Err(_) => Err(SendError::new(
-                FailureClass::Timeout,
-                None,
+            Err(_) => Err(Stop::Failed(SendError::local(
+                Local::TimedOut,
                 format!(
                     "no answer from {} within smtp.timeout = {:?}",
                     self.connector.endpoint(),
                     self.deadline
                 ),
                 stage.get(),
-            )),
+            ))),
         };
         let histogram = match &result {
             Ok(sent) if !sent.accepted.is_empty() => &self.metrics.delivered,
             Ok(sent) if sent.refused.iter().all(|r| r.permanent) => &self.metrics.rejected,
             Ok(_) => &self.metrics.failed,
-            Err(e) if e.class == FailureClass::Abandoned => return result,
-            Err(e) if e.class == FailureClass::Permanent => &self.metrics.rejected,
-            Err(_) => &self.metrics.failed,
+            Err(Stop::Abandoned) => return result,
+            Err(Stop::Failed(e)) => match e.verdict().job() {
+                JobMeaning::Rejected => &self.metrics.rejected,
+                JobMeaning::Retry | JobMeaning::Ambiguous | JobMeaning::Auth => {
+                    &self.metrics.failed
+                }
+            },
         };
         histogram.observe(started.elapsed().as_secs_f64());
         match &result {
-            Err(e) if e.class == FailureClass::Auth => {
+            Ok(_) => self.auth_failing.store(false, Ordering::Relaxed),
+            Err(Stop::Failed(e)) if e.verdict().job() == JobMeaning::Auth => {
                 self.auth_failing.store(true, Ordering::Relaxed)
             }
-            Ok(_) => self.auth_failing.store(false, Ordering::Relaxed),
-            Err(_) => {}
+            Err(Stop::Failed(_) | Stop::Abandoned) => {}
         }
         result
     }
@@ -277,13 +282,13 @@ impl Relay {
         out: &Outgoing,
         stage: &StageCell,
         abandon: &CancellationToken,
-    ) -> Result<Sent, SendError> {
+    ) -> Result<Sent, Stop> {
         // A pooled session may have been closed by the relay while idle; that shows at MAIL
         // FROM, before anything about the message was said. One fresh session is tried then.
         let mut fresh_only = false;
         loop {
             if abandon.is_cancelled() {
-                return Err(abandoned(stage.get()));
+                return Err(Stop::Abandoned);
             }
             let (mut session, reused) = self.checkout(stage, fresh_only).await?;
             match transaction(&mut session.conn, session.pipelining, out, stage, abandon).await {
@@ -334,9 +339,8 @@ impl Relay {
         let permit = match self.sessions.clone().acquire_owned().await {
             Ok(permit) => permit,
             Err(_) => {
-                return Err(SendError::new(
-                    FailureClass::Transient,
-                    None,
+                return Err(SendError::local(
+                    Local::Broken,
                     "the SMTP pool is shut down".into(),
                     Stage::Connect,
                 ));
@@ -385,21 +389,5 @@ impl Relay {
         self.sessions.close();
         let idle: Vec<Session> = self.lock_idle().drain(..).collect();
         futures_util::future::join_all(idle.into_iter().map(Session::quit)).await;
-    }
-}
-
-/// A failure that says something about the relay, not the message: it could not be reached,
-/// secured, logged into, or it is closing or not answering before the message was sent.
-pub fn is_relay_failure(error: &SendError) -> bool {
-    match error.class {
-        FailureClass::Permanent | FailureClass::Abandoned => false,
-        FailureClass::Auth => true,
-        FailureClass::Transient | FailureClass::Timeout => {
-            matches!(
-                error.stage,
-                Stage::Connect | Stage::Tls | Stage::Greeting | Stage::Auth
-            ) || error.code == Some(421)
-                || (error.class == FailureClass::Timeout && error.stage != Stage::DataEnd)
-        }
     }
 }
