@@ -257,7 +257,7 @@ impl Worker {
             format!(
                 "not sent: first failed at {} and retry.max_age = {} has passed",
                 rfc3339(first),
-                crate::config::duration::format(max_age)
+                crate::amqp::format_duration(max_age)
             )
         })
     }
@@ -466,7 +466,7 @@ impl Worker {
                         outcome = "retry",
                         kind = failure.kind.as_str(),
                         smtp_code = failure.smtp_code,
-                        retry_in = %crate::config::duration::format(delay),
+                        retry_in = %crate::amqp::format_duration(delay),
                         queue = republish.queue,
                         recipients,
                         error = %failure.last_error,

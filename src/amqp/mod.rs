@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 pub use headers::{
     FailureHeaders, attempts_made, header_text, replay_properties, republish_properties, rfc3339,
 };
-pub use topology::{Topology, TopologyError};
+pub use topology::{Topology, TopologyError, format_duration};
 
 /// Largest AMQP frame we ask for, unless the URL says otherwise (`?frame_max=`).
 const FRAME_MAX: u32 = 16 * 1024;

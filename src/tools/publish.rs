@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use super::ToolError;
 use crate::amqp::{self, Publisher};
 use crate::config::Config;
-use crate::job::{self, Limits};
+use crate::job;
 
 /// A job given on the command line, field by field.
 #[derive(Debug, Default, Clone)]
@@ -41,11 +41,7 @@ pub enum JobSource {
 pub async fn publish(config: &Config, source: JobSource) -> Result<String, ToolError> {
     let (id, body) = build(source)?;
     // The worker would dead-letter an invalid job; better to say so here and publish nothing.
-    job::decode(
-        &body,
-        &Limits::new(config.worker.max_job_bytes, &config.limits),
-    )
-    .map_err(|e| ToolError::InvalidJob(e.to_string()))?;
+    job::decode(&body, &config.job_limits()).map_err(|e| ToolError::InvalidJob(e.to_string()))?;
 
     let connection = amqp::connect(
         config.amqp.url.expose(),
@@ -254,7 +250,7 @@ mod tests {
         .expect("build");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(id.starts_with("cli-"));
-        let job = job::decode(&body, &Limits::default()).expect("valid");
+        let job = job::decode(&body, &job::Limits::default()).expect("valid");
         assert_eq!(job.id.as_deref(), Some(id.as_str()));
         assert_eq!(job.attachments[0].filename, "report.pdf");
         assert_eq!(job.attachments[0].content, b"%PDF");
