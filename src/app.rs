@@ -14,12 +14,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Publisher, Topology, TopologyError};
 use crate::config::{AmbiguousPolicy, Config};
-use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
 use crate::pipeline::{JobEvent, RecentlySettled, Worker};
 use crate::policy::Schedule;
-use crate::smtp::{Relay, RelayLimits, RelaySet};
+use crate::smtp::{Relay, RelaySet};
 use crate::status::{Phase, Status};
 use crate::{http, systemd};
 
@@ -74,24 +73,11 @@ pub async fn run(
     let topology = Topology::new(&config.amqp, &schedule);
     let mut relays = Vec::new();
     for relay in config.relays() {
-        let max_connections = relay
-            .smtp
-            .max_connections
-            .map_or(concurrency, |m| usize::from(m).min(concurrency));
-        let limits = RelayLimits {
-            max_connections,
-            max_idle: config.pool_size().min(max_connections),
-            rate: (relay.smtp.rate_limit > 0.0).then_some(relay.smtp.rate_limit),
-            flow_control: relay.smtp.flow_control,
-            overload_retries: relay.smtp.overload_retries,
-            failures_to_cooldown: config.relays.failures_to_cooldown,
-            cooldown: config.relays.cooldown,
-        };
         let built = Relay::new(
             relay.name.clone(),
             relay.weight,
             &relay.smtp,
-            limits,
+            relay.limits.clone(),
             metrics.relay(&relay.name),
         )
         .map_err(|e| RunError::Config(e.to_string()))?;
@@ -113,7 +99,7 @@ pub async fn run(
         publisher: Publisher::new(config.amqp.publish_timeout),
         topology,
         schedule,
-        limits: Limits::new(config.worker.max_job_bytes, &config.limits),
+        limits: config.job_limits(),
         defaults,
         metrics: metrics.clone(),
         events,

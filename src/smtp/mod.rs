@@ -22,8 +22,9 @@ mod transaction;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+pub use crate::config::RelayLimits;
 pub use connect::TlsSetupError;
-pub use pool::{Relay, RelayLimits, is_relay_failure};
+pub use pool::{Relay, is_relay_failure};
 pub use relays::RelaySet;
 pub use transaction::{Refusal, Sent};
 

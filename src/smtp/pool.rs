@@ -13,7 +13,7 @@ use super::connect::{Connector, TlsSetupError};
 use super::flow::{RateLimit, Window, is_overload};
 use super::transaction::{Sent, abandoned, transaction};
 use super::{FailureClass, SendError, Stage, StageCell};
-use crate::config::SmtpConfig;
+use crate::config::{RelayLimits, SmtpConfig};
 use crate::message::Outgoing;
 use crate::metrics::RelayMetrics;
 
@@ -53,21 +53,6 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.gauge.dec();
     }
-}
-
-/// Limits and health settings of a relay.
-#[derive(Debug, Clone)]
-pub struct RelayLimits {
-    /// Sessions open at once (and the largest overload window).
-    pub max_connections: usize,
-    /// Idle sessions kept.
-    pub max_idle: usize,
-    /// Messages per second, evenly spaced; `None` for no limit.
-    pub rate: Option<f64>,
-    pub flow_control: bool,
-    pub overload_retries: u32,
-    pub failures_to_cooldown: u32,
-    pub cooldown: Duration,
 }
 
 /// A relay: where to connect, how, and the pool of sessions to it.
