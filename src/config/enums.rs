@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, Visitor};
 
-/// An enum the configuration reads by name. Implemented by [`by_name!`] beside each enum.
+/// An enum the configuration reads by name. Implemented by `by_name!` beside each enum.
 pub trait ConfigEnum: Sized {
     /// Every name the enum accepts, in declaration order.
     fn names() -> &'static [&'static str];

@@ -7,7 +7,7 @@
 
 mod amqp;
 pub mod duration;
-pub mod enums;
+mod enums;
 mod error;
 mod http;
 mod limits;
