@@ -1631,17 +1631,14 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let retry_queues = amqp_mailer::policy::Schedule::new(&config.retry)
-        .delays()
-        .into_iter()
-        .map(|d| {
-            format!(
-                "{}{}",
-                names.retry_prefix,
-                amqp_mailer::config::duration::format(d)
-            )
-        })
-        .collect();
+    let retry_queues = amqp_mailer::amqp::Topology::new(
+        &config.amqp,
+        &amqp_mailer::policy::Schedule::new(&config.retry),
+    )
+    .retry_queues
+    .into_iter()
+    .map(|(_, name)| name)
+    .collect();
 
     let soak = Arc::new(Soak {
         args: args.clone(),

@@ -10,13 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{Publisher, Topology, TopologyError};
 use crate::config::{AmbiguousPolicy, Config};
-use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
 use crate::pipeline::{Consumer, JobContext, JobEvent, RecentlySettled};
 use crate::policy::Schedule;
 use crate::shutdown::Shutdown;
-use crate::smtp::{Relay, RelayLimits, RelaySet};
+use crate::smtp::{Relay, RelaySet};
 use crate::status::Status;
 use crate::{http, systemd};
 
@@ -65,30 +64,16 @@ pub async fn run(
         status,
         events,
     } = handles;
-    let concurrency = usize::from(config.worker.concurrency);
     let schedule = Schedule::new(&config.retry)
         .dead_letter_ambiguous(config.smtp.ambiguous == AmbiguousPolicy::DeadLetter);
     let topology = Topology::new(&config.amqp, &schedule);
     let mut relays = Vec::new();
     for relay in config.relays() {
-        let max_connections = relay
-            .smtp
-            .max_connections
-            .map_or(concurrency, |m| usize::from(m).min(concurrency));
-        let limits = RelayLimits {
-            max_connections,
-            max_idle: config.pool_size().min(max_connections),
-            rate: (relay.smtp.rate_limit > 0.0).then_some(relay.smtp.rate_limit),
-            flow_control: relay.smtp.flow_control,
-            overload_retries: relay.smtp.overload_retries,
-            failures_to_cooldown: config.relays.failures_to_cooldown,
-            cooldown: config.relays.cooldown,
-        };
         let built = Relay::new(
             relay.name.clone(),
             relay.weight,
             &relay.smtp,
-            limits,
+            relay.limits.clone(),
             metrics.relay(&relay.name),
         )
         .map_err(|e| RunError::Config(e.to_string()))?;
@@ -110,7 +95,7 @@ pub async fn run(
         publisher: Publisher::new(config.amqp.publish_timeout),
         topology,
         schedule,
-        limits: Limits::new(config.worker.max_job_bytes, &config.limits),
+        limits: config.job_limits(),
         defaults,
         metrics: metrics.clone(),
         events,

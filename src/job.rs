@@ -9,7 +9,9 @@ use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
 use serde::Deserialize;
 
-use crate::config::{LimitsConfig, is_dot_atom};
+/// The limits a job is decoded under; declared with the `[limits]` section it is read from.
+pub use crate::config::Limits;
+use crate::config::is_dot_atom;
 
 /// Why a job cannot be sent, for the `last-error` header of its dead letter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,36 +47,6 @@ pub struct Attachment {
     pub filename: String,
     pub content_type: ContentType,
     pub content: Vec<u8>,
-}
-
-/// Limits checked while decoding.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_job_bytes: usize,
-    pub max_recipients: usize,
-    pub max_attachments: usize,
-    pub max_attachment_bytes: usize,
-    pub max_headers: usize,
-    pub max_header_bytes: usize,
-}
-
-impl Limits {
-    pub fn new(max_job_bytes: usize, limits: &LimitsConfig) -> Self {
-        Self {
-            max_job_bytes,
-            max_recipients: limits.max_recipients,
-            max_attachments: limits.max_attachments,
-            max_attachment_bytes: limits.max_attachment_bytes,
-            max_headers: limits.max_headers,
-            max_header_bytes: limits.max_header_bytes,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self::new(5 * 1024 * 1024, &LimitsConfig::default())
-    }
 }
 
 /// The longest display name of an address, in bytes. lettre writes a name with no space in it

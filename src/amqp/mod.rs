@@ -16,7 +16,7 @@ pub use headers::{
     FailureHeaders, attempts_made, header_text, replay_properties, republish_properties, rfc3339,
 };
 pub use session::{BrokerSession, SessionError};
-pub use topology::{Topology, TopologyError};
+pub use topology::{Topology, TopologyError, format_duration};
 
 /// Largest AMQP frame we ask for, unless the URL says otherwise (`?frame_max=`).
 const FRAME_MAX: u32 = 16 * 1024;

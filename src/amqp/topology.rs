@@ -6,8 +6,27 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::{AmqpConfig, QueueType, duration};
+use crate::config::{AmqpConfig, QueueType};
 use crate::policy::Schedule;
+
+/// The shortest exact rendering of a delay: `1h`, `90s`, `250ms`. It names the retry queues
+/// (`email.retry.10s`), so a change here renames queues on the broker: the names are pinned by
+/// the tests below. Log lines and the printed configuration use it too, so a delay reads the same
+/// everywhere.
+pub fn format_duration(value: Duration) -> String {
+    let ms = value.as_millis();
+    if ms == 0 {
+        "0s".to_string()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms < 3_600_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
 
 /// Names and arguments of everything the worker declares.
 #[derive(Debug, Clone)]
@@ -24,7 +43,7 @@ pub struct Topology {
 }
 
 fn retry_queue_name(prefix: &str, delay: Duration) -> String {
-    format!("{prefix}{}", duration::format(delay))
+    format!("{prefix}{}", format_duration(delay))
 }
 
 /// A declaration failed.
@@ -193,5 +212,55 @@ fn declare_error(what: String, error: lapin::Error) -> TopologyError {
             what,
             source: error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RetryConfig, duration};
+
+    #[test]
+    fn durations_round_trip() {
+        for (text, ms) in [
+            ("10s", 10_000),
+            ("500ms", 500),
+            ("1h", 3_600_000),
+            ("2m", 120_000),
+            ("90s", 90_000),
+            ("1280s", 1_280_000),
+        ] {
+            let parsed = duration::parse(text).expect(text);
+            assert_eq!(parsed, Duration::from_millis(ms));
+            assert_eq!(format_duration(parsed), text);
+        }
+        assert!(duration::parse("30").is_err());
+    }
+
+    #[test]
+    fn retry_queues_are_named_after_their_delay() {
+        let schedule = Schedule::new(&RetryConfig::default());
+        let topology = Topology::new(&AmqpConfig::default(), &schedule);
+        let names: Vec<&str> = topology
+            .retry_queues
+            .iter()
+            .map(|(_, name)| name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "email.retry.10s",
+                "email.retry.20s",
+                "email.retry.40s",
+                "email.retry.80s",
+                "email.retry.160s",
+                "email.retry.320s",
+                "email.retry.640s",
+                "email.retry.1280s",
+                "email.retry.2560s",
+            ]
+        );
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(format_duration(Duration::from_secs(5400)), "5400s");
     }
 }

@@ -23,8 +23,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use super::attempt::Attempt;
 use super::context::{JobContext, JobOutcome};
 use super::delivery::DeliveryMeta;
-use crate::amqp::{FailureHeaders, republish_properties, rfc3339};
-use crate::config::duration;
+use crate::amqp::{FailureHeaders, format_duration, republish_properties, rfc3339};
 use crate::metrics::KindLabel;
 use crate::policy::{Decision, Failure, Schedule};
 use crate::smtp::{Refusal, Sent};
@@ -261,7 +260,7 @@ pub fn expired(
         format!(
             "not sent: first failed at {} and retry.max_age = {} has passed",
             rfc3339(first),
-            duration::format(max_age)
+            format_duration(max_age)
         )
     })
 }
@@ -374,7 +373,7 @@ async fn publish(ctx: &JobContext, delivery: &Delivery, republish: &Republish) -
                 outcome = "retry",
                 kind = failure.kind.as_str(),
                 smtp_code = failure.smtp_code,
-                retry_in = %duration::format(delay),
+                retry_in = %format_duration(delay),
                 queue = %queue,
                 recipients,
                 error = %failure.last_error,

@@ -22,8 +22,9 @@ mod relay;
 mod relay_set;
 mod transaction;
 
+pub use crate::config::RelayLimits;
 pub use connect::TlsSetupError;
 pub use error::{Abandoned, EnhancedCode, JobMeaning, SendError, Stage, Verdict};
-pub use relay::{Relay, RelayLimits};
+pub use relay::Relay;
 pub use relay_set::{Attempted, RelaySet};
 pub use transaction::{Refusal, Sent};

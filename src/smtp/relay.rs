@@ -13,7 +13,7 @@ use super::connect::{Connector, TlsSetupError};
 use super::error::{Abandoned, JobMeaning, Local, SendError, Stage, StageCell, Stop};
 use super::flow::{RateLimit, Window};
 use super::transaction::{Sent, transaction};
-use crate::config::SmtpConfig;
+use crate::config::{RelayLimits, SmtpConfig};
 use crate::message::Outgoing;
 use crate::metrics::RelayMetrics;
 
@@ -53,25 +53,6 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.gauge.dec();
     }
-}
-
-/// Limits and health settings of a relay.
-#[derive(Debug, Clone)]
-pub struct RelayLimits {
-    /// Sessions open at once (and the largest overload window).
-    pub max_connections: usize,
-    /// Idle sessions kept.
-    pub max_idle: usize,
-    /// Messages per second, evenly spaced; `None` for no limit.
-    pub rate: Option<f64>,
-    /// Whether an overload reply halves the window and makes the job wait its turn again.
-    pub flow_control: bool,
-    /// Overload replies one send may wait out before it fails.
-    pub overload_retries: u32,
-    /// Relay failures in a row that start a cool-down.
-    pub failures_to_cooldown: u32,
-    /// How long a failing relay is skipped.
-    pub cooldown: Duration,
 }
 
 /// A relay: where to connect, how, and the pool of sessions to it.

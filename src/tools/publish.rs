@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use super::ToolError;
 use crate::amqp::{self, Publisher};
 use crate::config::Config;
-use crate::job::{self, Limits};
+use crate::job;
 
 /// The flags of `amqp-mailer publish`: a job field by field, or `--file` instead.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -69,11 +69,7 @@ pub async fn run(config: &Config, args: PublishArgs) -> Result<(), ToolError> {
 pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolError> {
     let (id, body) = build(args)?;
     // The worker would dead-letter an invalid job; better to say so here and publish nothing.
-    job::decode(
-        &body,
-        &Limits::new(config.worker.max_job_bytes, &config.limits),
-    )
-    .map_err(|e| ToolError::InvalidJob(e.to_string()))?;
+    job::decode(&body, &config.job_limits()).map_err(|e| ToolError::InvalidJob(e.to_string()))?;
 
     let connection = amqp::connect(
         config.amqp.url.expose(),
@@ -282,7 +278,7 @@ mod tests {
         .expect("build");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(id.starts_with("cli-"));
-        let job = job::decode(&body, &Limits::default()).expect("valid");
+        let job = job::decode(&body, &job::Limits::default()).expect("valid");
         assert_eq!(job.id.as_deref(), Some(id.as_str()));
         assert_eq!(job.attachments[0].filename, "report.pdf");
         assert_eq!(job.attachments[0].content, b"%PDF");

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use amqp_mailer::amqp::Topology;
 use amqp_mailer::app::{self, Handles, RunError};
 use amqp_mailer::config::{self, Config, QueueType, TlsMode};
 use amqp_mailer::pipeline::JobEvent;
@@ -45,16 +46,10 @@ pub fn test_config(broker: &Broker, smtp_port: u16) -> Config {
 
 /// The retry queue names a configuration declares, for cleanup.
 pub fn retry_queues(config: &Config) -> Vec<String> {
-    Schedule::new(&config.retry)
-        .delays()
+    Topology::new(&config.amqp, &Schedule::new(&config.retry))
+        .retry_queues
         .into_iter()
-        .map(|d| {
-            format!(
-                "{}{}",
-                config.amqp.retry_queue_prefix,
-                config::duration::format(d)
-            )
-        })
+        .map(|(_, name)| name)
         .collect()
 }
 

@@ -1,0 +1,37 @@
+//! Typed configuration: built-in defaults, then a TOML file, then `AMQP_MAILER_<SECTION>__<KEY>`
+//! environment variables. Everything is validated here, before any connection is made, and every
+//! error names the key it is about.
+//!
+//! One file per section (`[amqp]` in `amqp.rs`, …), each with its struct, its defaults and its
+//! `validate`; `load.rs` reads the sources into [`Config`] and calls them in order.
+
+mod amqp;
+pub mod duration;
+mod enums;
+mod error;
+mod http;
+mod limits;
+mod load;
+mod log;
+mod relays;
+mod retry;
+mod secret;
+mod shutdown;
+mod smtp;
+mod worker;
+
+pub use amqp::{AmqpConfig, QueueType};
+/// The former path of [`duration::optional`].
+pub use duration::optional as optional_duration;
+pub use enums::ConfigEnum;
+pub use error::ConfigError;
+pub use http::HttpConfig;
+pub use limits::{Limits, LimitsConfig};
+pub use load::{Config, ENV_PREFIX, load};
+pub use log::{LogConfig, LogFormat};
+pub use relays::{RelayEntry, RelayLimits, RelayMode, RelaysConfig, ResolvedRelay};
+pub use retry::RetryConfig;
+pub use secret::{Secret, redact_url};
+pub use shutdown::ShutdownConfig;
+pub use smtp::{AmbiguousPolicy, AuthMechanism, SmtpConfig, TlsMode, is_dot_atom};
+pub use worker::WorkerConfig;
