@@ -265,16 +265,16 @@ async fn broker_connection_cut_mid_stream_resumes_within_seconds_and_delivers_al
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_reconnecting_still_drains_the_jobs_in_flight() {
     let smtp = SmtpServer::start();
-    // The relay answers the end of the data after 3 s: the job is still sending when the broker
-    // goes away and when the stop comes.
-    smtp.set_data_delay(Duration::from_secs(3));
+    // The relay answers the end of the data after 8 s: the job is still sending when the broker
+    // goes away and when the stop comes, even on a loaded machine.
+    smtp.set_data_delay(Duration::from_secs(8));
     let broker = Broker::new("stopreconnect").await;
     let proxy = Proxy::start(broker_addr());
     let mut config = test_config(&broker, smtp.port());
     config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy));
     // The reconnect hangs until the stop rather than failing first.
     config.amqp.connect_timeout = Duration::from_secs(60);
-    config.shutdown.grace = Duration::from_secs(10);
+    config.shutdown.grace = Duration::from_secs(15);
     let worker = RunningWorker::start(&broker, config).await;
     let mut events = worker.handles.events.subscribe();
     broker
