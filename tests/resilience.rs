@@ -275,6 +275,7 @@ async fn a_stop_while_reconnecting_still_drains_the_jobs_in_flight() {
     // The reconnect hangs until the stop rather than failing first.
     config.amqp.connect_timeout = Duration::from_secs(60);
     config.shutdown.grace = Duration::from_secs(15);
+    config.smtp.timeout = Duration::from_secs(20);
     let worker = RunningWorker::start(&broker, config).await;
     let mut events = worker.handles.events.subscribe();
     broker

@@ -27,9 +27,6 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
-/// The former name of [`Limits`] in configuration; the same type.
-pub type LimitsConfig = Limits;
-
 impl Default for Limits {
     fn default() -> Self {
         Self {

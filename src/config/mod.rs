@@ -26,7 +26,7 @@ pub use duration::optional as optional_duration;
 pub use enums::ConfigEnum;
 pub use error::ConfigError;
 pub use http::HttpConfig;
-pub use limits::{Limits, LimitsConfig};
+pub use limits::Limits;
 pub use load::{Config, ENV_PREFIX, load};
 pub use log::{LogConfig, LogFormat};
 pub use relays::{RelayEntry, RelayLimits, RelayMode, RelaysConfig, ResolvedRelay};
