@@ -16,7 +16,7 @@
 //! ```text
 //!  publisher ──(direct)──▶ RabbitMQ ◀──(broker proxy: cut, black-hole, refuse)── amqp-mailer
 //!  dead-letter reader ◀─(direct)─┘                                                  │
-//!                      test relay (tests/common/smtp.rs) ◀──(relay proxy)────────────┘
+//!                      test relay (tests/kit/src/smtp.rs) ◀──(relay proxy)───────────┘
 //! ```
 //!
 //! Everything the run needs is unique to it (queue names carry the seed and pid) and deleted at
@@ -43,15 +43,8 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 // The test relay and the TCP fault proxy of the integration tests, used as they are.
-#[path = "../tests/common"]
-#[allow(dead_code)]
-mod common {
-    pub mod proxy;
-    pub mod smtp;
-}
-
-use common::proxy::Proxy;
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::proxy::Proxy;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
 
 #[derive(Parser, Debug, Clone)]
 #[command(

@@ -3,11 +3,7 @@
 //! MIME part it did not declare (CR/LF, encoded words, reserved headers, multipart attachments,
 //! SMTP smuggling in an attachment); and the worker holds at most `concurrency` jobs whatever the
 //! queue holds. Each delivered message is checked by the same invariants as the fuzz targets
-//! (`tests/common/invariants.rs`).
-
-mod common;
-#[path = "common/invariants.rs"]
-mod invariants;
+//! (`testkit::invariants`).
 
 use std::time::Duration;
 
@@ -16,10 +12,11 @@ use amqp_mailer::job::{self, Limits};
 use amqp_mailer::pipeline::{JobEvent, JobOutcome};
 use amqp_mailer::policy::ErrorKind;
 use base64::Engine as _;
-use common::broker::{Broker, Reader, WAIT, header};
-use common::smtp::{Action, Cmd, ReceivedMessage, Rule, SmtpServer};
-use common::worker::{RunningWorker, test_config};
 use lapin::BasicProperties;
+use testkit::broker::{Broker, Reader, WAIT, header};
+use testkit::invariants;
+use testkit::smtp::{Action, Cmd, ReceivedMessage, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, test_config};
 use tokio::sync::broadcast;
 
 /// A worker on its own queues, with its relay, its dead-letter reader and its event stream.

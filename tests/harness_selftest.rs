@@ -1,13 +1,11 @@
-//! Self-tests of the test harness (`tests/common`): the scripted SMTP server and the
+//! Self-tests of the test harness (`tests/kit`): the scripted SMTP server and the
 //! fault-injection proxy, driven by a raw SMTP client over a plain TcpStream.
-
-mod common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::proxy::Proxy;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

@@ -6,11 +6,9 @@
 //!
 //! Without the venv the tests fail with a message saying how to install it; they never skip.
 
-mod common;
 /// Helpers of this file only: tests/interop/.
 mod interop {
     pub mod aiosmtpd;
-    pub mod pki;
 }
 
 use std::net::SocketAddr;
@@ -19,11 +17,11 @@ use std::time::Duration;
 use amqp_mailer::config::{AuthMechanism, Config, Secret, TlsMode};
 use amqp_mailer::pipeline::{JobEvent, JobOutcome};
 use amqp_mailer::policy::ErrorKind;
-use common::broker::{Broker, header};
-use common::process::free_port;
-use common::worker::{RunningWorker, job, retry_queues, test_config};
 use interop::aiosmtpd::{Aiosmtpd, Recorded, RelayOptions, RelayTls};
-use interop::pki::{Pki, TempDir};
+use testkit::broker::{Broker, header};
+use testkit::pki::{Pki, TempDir};
+use testkit::process::free_port;
+use testkit::worker::{RunningWorker, job, retry_queues, test_config};
 use tokio::sync::broadcast;
 
 const USER: &str = "mailer@relay.test";

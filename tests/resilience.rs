@@ -3,20 +3,18 @@
 //! not disturbed. Every scenario accounts for every job: delivered or dead-lettered or back in
 //! the queue, none lost, duplicates counted.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use amqp_mailer::pipeline::JobOutcome;
 use amqp_mailer::status::Phase;
-use common::broker::{Broker, WAIT, amqp_url};
-use common::metrics::{metric, metric_sum};
-use common::process::{WorkerProcess, free_port, worker_env};
-use common::proxy::Proxy;
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, retry_queues, test_config, wait_events};
+use testkit::broker::{Broker, WAIT, amqp_url};
+use testkit::metrics::{metric, metric_sum};
+use testkit::process::{WorkerProcess, free_port, worker_env};
+use testkit::proxy::Proxy;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, job, retry_queues, test_config, wait_events};
 
 fn broker_addr() -> SocketAddr {
     "127.0.0.1:5672".parse().expect("address")

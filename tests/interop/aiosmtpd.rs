@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-use super::pki::Pki;
+use testkit::pki::Pki;
 
 const INSTALL_HINT: &str = "run `bash .ci/install-test-tools` (it makes target/test-tools/venv \
                             with aiosmtpd), then run the tests again";

@@ -1,14 +1,12 @@
 //! A generator of well-formed but hostile jobs, for the structure-aware fuzz target
-//! `build_message` (`fuzz/`, which includes this file by path) and for replaying its regression
-//! inputs as ordinary tests (`tests/fuzz_regressions.rs`).
+//! `build_message` (`fuzz/`) and for replaying its regression inputs as ordinary tests
+//! (`tests/fuzz_regressions.rs`).
 //!
 //! The fuzzer's bytes choose a [`HostileJob`] through `arbitrary`; [`HostileJob::render`] turns it
 //! into the JSON a producer would publish. Every string can hold CR, LF, NUL, quotes, comments,
 //! encoded-word look-alikes, IDNs and very long runs; recipients can number 10,000; attachments
 //! get odd names and types; the JSON itself can be nested deep, carry unknown fields, duplicate
 //! keys or invalid UTF-8. Rendering is deterministic: the same bytes give the same job.
-
-#![allow(dead_code)]
 
 use arbitrary::{Arbitrary, Unstructured};
 use base64::Engine as _;
@@ -99,7 +97,7 @@ impl LimitChoice {
     pub fn limits(self) -> Limits {
         match self {
             LimitChoice::Default => Limits::default(),
-            LimitChoice::Small => super::invariants::small_limits(),
+            LimitChoice::Small => crate::invariants::small_limits(),
             LimitChoice::Large => Limits {
                 max_job_bytes: 5 * 1024 * 1024,
                 max_recipients: 20_000,

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 
-use super::smtp::Acceptor;
+use crate::smtp::Acceptor;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProxyStats {

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, WAIT, amqp_url};
+use crate::broker::{Broker, WAIT, amqp_url};
 
 /// A configuration for tests: the test's unique names, the relay on `smtp_port` without TLS,
 /// short retry delays, classic queues (quick to create and delete; quorum has its own tests).
