@@ -23,6 +23,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use testkit::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
@@ -791,9 +792,9 @@ async fn worker_run(
         let metrics_addr = format!("127.0.0.1:{http_port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let text = amqp_mailer::http::check(metrics_addr, "/metrics").await?;
-            let delivered = metric(&text, "amqp_mailer_jobs_delivered_total");
-            let in_flight = metric(&text, "amqp_mailer_jobs_in_flight");
+            let metrics = scrape(metrics_addr).await?;
+            let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
+            let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
             if delivered >= case.jobs as f64 && in_flight == 0.0 {
                 break;
             }
@@ -809,25 +810,28 @@ async fn worker_run(
         let seconds = started.elapsed().as_secs_f64();
         let cpu = cpu_ms(pid);
         let rss = peak_rss_mib(pid);
-        let text = amqp_mailer::http::check(metrics_addr, "/metrics").await?;
+        let metrics = scrape(metrics_addr).await?;
         for (series, want) in [
             ("amqp_mailer_jobs_received_total", case.jobs as f64),
             ("amqp_mailer_jobs_delivered_total", case.jobs as f64),
         ] {
-            let got = metric(&text, series);
+            let got = metric(&metrics, series, &[]);
             if got != want {
                 return Err(
                     format!("{series} = {got}, expected {want}: retries or duplicates").into(),
                 );
             }
         }
+        let delivered = [("outcome", "delivered")];
         let sends = metric(
-            &text,
-            "amqp_mailer_smtp_send_duration_seconds_count{outcome=\"delivered\"}",
+            &metrics,
+            "amqp_mailer_smtp_send_duration_seconds_count",
+            &delivered,
         );
         let send_seconds = metric(
-            &text,
-            "amqp_mailer_smtp_send_duration_seconds_sum{outcome=\"delivered\"}",
+            &metrics,
+            "amqp_mailer_smtp_send_duration_seconds_sum",
+            &delivered,
         );
         let smtp_send_ms = (sends > 0.0).then(|| 1000.0 * send_seconds / sends);
         let extra = sink.extra(case.jobs);
@@ -878,13 +882,15 @@ async fn worker_run(
     result
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+/// The worker's `/metrics`, parsed: a page that is not in the text format fails the run.
+async fn scrape(addr: std::net::SocketAddr) -> Result<Metrics, Error> {
+    let text = amqp_mailer::http::check(addr, "/metrics").await?;
+    Ok(Metrics::parse(&text)?)
+}
+
+/// The series `name` with exactly `labels`; 0 before the worker has counted any.
+fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics.get(name, labels).unwrap_or(0.0)
 }
 
 /// Postfix's smtp-source sending the same number and size of messages with C sessions.
