@@ -16,7 +16,7 @@ use lapin::BasicProperties;
 use testkit::broker::{Broker, Reader, WAIT, header};
 use testkit::invariants;
 use testkit::smtp::{Action, Cmd, ReceivedMessage, Rule, SmtpServer};
-use testkit::worker::{RunningWorker, test_config};
+use testkit::worker::{RunningWorker, test_config, wait_for_job};
 use tokio::sync::broadcast;
 
 /// A worker on its own queues, with its relay, its dead-letter reader and its event stream.
@@ -62,15 +62,7 @@ impl Setup {
 
     /// Waits for the settlement of the job published as `name`.
     async fn settled(&mut self, name: &str) -> JobOutcome {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Ok(event)) if event.job_id.as_deref() == Some(name) => return event.outcome,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("event stream broke: {e}"),
-                Err(_) => panic!("job {name} was not settled within {WAIT:?}"),
-            }
-        }
+        wait_for_job(&mut self.events, name, WAIT).await.outcome
     }
 
     /// Publishes a job that must be refused: it is dead-lettered as invalid, with a `last-error`

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::broker::{Names, amqp_url};
+use crate::broker::{Broker, Names, amqp_url};
 
 /// The `amqp-mailer` binary that cargo built beside the running test (or example).
 ///
@@ -119,6 +119,20 @@ impl WorkerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// Starts `amqp-mailer run` on `broker`'s queues and the relay on 127.0.0.1:`smtp_port`
+    /// ([`worker_env`], then `extra`), without waiting. Its one retry queue (`<retry_prefix>10s`,
+    /// see [`worker_env`]) is deleted with the broker's queues.
+    pub fn run(
+        broker: &Broker,
+        smtp_port: u16,
+        extra: impl IntoIterator<Item = (&'static str, String)>,
+    ) -> Self {
+        broker.also_delete([format!("{}10s", broker.names.retry_prefix)]);
+        let mut env = worker_env(&broker.names, smtp_port);
+        env.extend(extra);
+        Self::start(&["run"], &env)
     }
 
     /// Waits for a log line containing `needle`; panics with the log so far on timeout.

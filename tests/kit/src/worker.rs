@@ -157,6 +157,25 @@ pub async fn wait_events(
     matched
 }
 
+/// Waits for the event of the job `job_id` (of `worker.handles.events`), skipping the others;
+/// panics on timeout with the events seen meanwhile.
+pub async fn wait_for_job(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    job_id: &str,
+    timeout: Duration,
+) -> JobEvent {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(event)) if event.job_id.as_deref() == Some(job_id) => return event,
+            Ok(Ok(event)) => seen.push(event),
+            Ok(Err(e)) => panic!("event stream broke: {e}"),
+            Err(_) => panic!("job {job_id} not settled within {timeout:?}; other events: {seen:?}"),
+        }
+    }
+}
+
 /// A job as JSON, with the usual fields filled in.
 pub fn job(id: &str, to: &str) -> String {
     serde_json::json!({
