@@ -107,25 +107,7 @@ pub struct ReceivedMessage {
 impl ReceivedMessage {
     /// All header fields in order as (name, raw value): folding undone, not decoded.
     pub fn headers(&self) -> Vec<(String, String)> {
-        let text = String::from_utf8_lossy(&self.data);
-        let mut out: Vec<(String, String)> = Vec::new();
-        for line in text.split('\n') {
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            if line.is_empty() {
-                break; // end of the header section
-            }
-            if line.starts_with([' ', '\t']) {
-                // RFC 5322 2.2.3: unfolding removes only the line break, keeps the WSP.
-                if let Some((_, value)) = out.last_mut() {
-                    value.push_str(line);
-                }
-            } else if let Some((name, value)) = line.split_once(':') {
-                out.push((name.trim().to_string(), value.to_string()));
-            }
-        }
-        out.into_iter()
-            .map(|(n, v)| (n, v.trim().to_string()))
-            .collect()
+        unfolded_headers(&self.data)
     }
 
     pub fn headers_named(&self, name: &str) -> Vec<String> {
@@ -153,6 +135,31 @@ impl ReceivedMessage {
                 )
             })
     }
+}
+
+/// The header fields of a message as any relay recorded it, in order, as (name, raw value):
+/// folding undone, not decoded, names and values trimmed. Lenient (bare LF, lines without a
+/// colon skipped): `invariants::header_fields` is the strict reading.
+pub fn unfolded_headers(data: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(data);
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            break; // end of the header section
+        }
+        if line.starts_with([' ', '\t']) {
+            // RFC 5322 2.2.3: unfolding removes only the line break, keeps the WSP.
+            if let Some((_, value)) = out.last_mut() {
+                value.push_str(line);
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            out.push((name.trim().to_string(), value.to_string()));
+        }
+    }
+    out.into_iter()
+        .map(|(n, v)| (n, v.trim().to_string()))
+        .collect()
 }
 
 /// Everything a test may want to wait on, published through a `watch` channel.
