@@ -73,6 +73,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Whether the job was refused.
     pub fn is_invalid(&self) -> bool {
         matches!(self, Verdict::Invalid(_))
     }

@@ -77,6 +77,7 @@ pub fn worker_env(names: &Names, smtp_port: u16) -> Vec<(&'static str, String)> 
     env
 }
 
+/// The binary running as a child process (killed when dropped), its stderr collected.
 pub struct WorkerProcess {
     child: Child,
     /// Every stderr line so far.
@@ -117,6 +118,7 @@ impl WorkerProcess {
         Self { child, log }
     }
 
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
     }
@@ -155,10 +157,12 @@ impl WorkerProcess {
         }
     }
 
+    /// Every stderr line so far.
     pub fn log(&self) -> Vec<String> {
         self.log.borrow().clone()
     }
 
+    /// Sends `signal` (e.g. `TERM`) with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))

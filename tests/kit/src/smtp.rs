@@ -66,6 +66,7 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// `action` on every `cmd`.
     pub fn always(cmd: Cmd, action: Action) -> Rule {
         Rule {
             cmd,
@@ -75,12 +76,14 @@ impl Rule {
             every: None,
         }
     }
+    /// `action` on the first `n` of `cmd`.
     pub fn times(n: usize, cmd: Cmd, action: Action) -> Rule {
         Rule {
             times: Some(n),
             ..Rule::always(cmd, action)
         }
     }
+    /// Only where the command line (or the data) contains `needle`.
     pub fn matching(mut self, needle: impl Into<String>) -> Rule {
         self.matching = Some(needle.into());
         self
@@ -110,6 +113,7 @@ impl ReceivedMessage {
         unfolded_headers(&self.data)
     }
 
+    /// Every value of the header `name` (case-insensitive), in order.
     pub fn headers_named(&self, name: &str) -> Vec<String> {
         let found = self.headers().into_iter();
         found
@@ -123,6 +127,7 @@ impl ReceivedMessage {
         self.headers_named(name).into_iter().next()
     }
 
+    /// The message through mail-parser; panics if it cannot be parsed.
     pub fn parsed(&self) -> mail_parser::Message<'_> {
         mail_parser::MessageParser::default()
             .parse(&self.data)
@@ -231,6 +236,7 @@ impl Shared {
     }
 }
 
+/// The scripted SMTP relay on 127.0.0.1 (see the module's documentation).
 pub struct SmtpServer {
     shared: Arc<Shared>,
     acceptor: Acceptor,
@@ -262,16 +268,20 @@ impl SmtpServer {
         }
     }
 
+    /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.acceptor.addr()
     }
+    /// The port it listens on (stable across `set_refusing`).
     pub fn port(&self) -> u16 {
         self.addr().port()
     }
 
+    /// Adds a rule after the others (the first rule that matches acts).
     pub fn add_rule(&self, rule: Rule) {
         self.shared.config().rules.push((rule, 0));
     }
+    /// Removes every rule: normal behaviour again.
     pub fn clear_rules(&self) {
         self.shared.config().rules.clear();
     }
@@ -303,21 +313,27 @@ impl SmtpServer {
         self.acceptor.set_refusing(true).await;
     }
 
+    /// A copy of everything observed so far.
     pub fn state(&self) -> SmtpState {
         self.shared.state.borrow().clone()
     }
+    /// The messages accepted so far.
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         self.shared.state.borrow().messages.clone()
     }
+    /// The command lines received so far, by session.
     pub fn commands(&self) -> Vec<(u64, String)> {
         self.shared.state.borrow().commands.clone()
     }
+    /// Sessions open now.
     pub fn open_sessions(&self) -> usize {
         self.shared.state.borrow().open_sessions
     }
+    /// The most sessions that were open at once.
     pub fn max_concurrent_sessions(&self) -> usize {
         self.shared.state.borrow().max_concurrent_sessions
     }
+    /// Sessions accepted so far.
     pub fn sessions_total(&self) -> u64 {
         self.shared.state.borrow().sessions_total
     }
@@ -793,6 +809,7 @@ impl Acceptor {
         Ok(acceptor)
     }
 
+    /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -812,6 +829,7 @@ impl Acceptor {
         *lock(&self.task) = Some(task);
     }
 
+    /// true: stop listening (connections refused); false: listen on the same port again.
     pub async fn set_refusing(&self, refusing: bool) {
         if refusing {
             let task = lock(&self.task).take();

@@ -94,6 +94,7 @@ impl RunningWorker {
         }
     }
 
+    /// Waits until the worker's status is `phase`; panics on timeout saying where it is.
     pub async fn wait_for_phase(&self, phase: Phase, timeout: Duration) {
         let mut rx = self.handles.status.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|p| *p == phase))
