@@ -6,11 +6,14 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use testkit::soak::{JobKind, Life, MIN_JUDGED, MemoryCheck, Verdict, WARM_UP, verdict};
+use testkit::soak::{JobKind, Ledger, Life, MIN_JUDGED, MemoryCheck, Verdict, WARM_UP, verdict};
 
-use crate::worker::Sample;
-use crate::{GRACE_SECS, HEARTBEAT_SECS, SMTP_TIMEOUT, Soak, clock, lock, mib};
+use crate::faults::FaultRecord;
+use crate::worker::{Generation, Sample};
+use crate::{Args, GRACE_SECS, HEARTBEAT_SECS, SMTP_TIMEOUT, Soak, clock, lock, mib};
 
+/// Writes the report (stdout and `report.txt`), the fault timeline (`faults.txt`) and the
+/// duplicates' log lines (`duplicates.txt`); the exit code is the verdict's.
 pub(crate) fn report(
     soak: &Soak,
     publish_ended: Option<f64>,
@@ -20,29 +23,8 @@ pub(crate) fn report(
     let ledger = lock(&soak.ledger);
     let generations = lock(&soak.generations);
     let faults = lock(&soak.faults);
-    let mut r = String::new();
     let args = &soak.args;
 
-    let by_kind = |kind: JobKind| ledger.published.values().filter(|k| **k == kind).count();
-    let published = ledger.published.len();
-    let delivered_unique = ledger
-        .published
-        .keys()
-        .filter(|id| ledger.delivered.contains_key(*id))
-        .count();
-    let relay_messages: usize =
-        ledger.delivered.values().map(Vec::len).sum::<usize>() + ledger.foreign;
-    let dead_unique = ledger
-        .published
-        .keys()
-        .filter(|id| ledger.dead.contains_key(*id))
-        .count();
-    let mut dead_by_kind: BTreeMap<String, usize> = BTreeMap::new();
-    for letters in ledger.dead.values() {
-        for letter in letters {
-            *dead_by_kind.entry(letter.kind.clone()).or_default() += 1;
-        }
-    }
     // The verdict, on the books and on the longest-lived worker's memory (warm-up excluded).
     let longest = generations
         .iter()
@@ -60,25 +42,73 @@ pub(crate) fn report(
     let problems = lock(&soak.problems).clone();
     let verdict = verdict(&ledger, life.as_ref(), &problems, args.max_rss_growth);
     let Verdict {
-        lost,
-        duplicates,
-        extra_copies,
-        dead_twice,
-        delivered_and_dead: both,
-        misplaced,
-        memory,
-        failures,
+        memory, failures, ..
     } = &verdict;
+    let logs: Vec<(usize, PathBuf)> = generations.iter().map(|g| (g.n, g.log.clone())).collect();
 
-    // The counters summed over every worker's last scrape.
-    let counter = |name: &str| {
-        generations
-            .iter()
-            .filter_map(|g| g.metrics.as_ref())
-            .map(|m| m.sum(name, &[]))
-            .sum::<f64>() as u64
-    };
+    let mut r = String::new();
+    header(&mut r, soak, publish_ended, settle_secs);
+    jobs(&mut r, &ledger, &verdict);
+    counters(&mut r, &generations, &logs);
+    faults_and_restarts(&mut r, soak, &faults, &generations);
+    generations_table(&mut r, &generations, now);
+    rss_over_time(&mut r, soak, &generations, now);
+    memory_check(&mut r, memory, args);
+    let appendix = duplicates_lost_misplaced(&mut r, &ledger, &verdict, &logs);
+    let summary = log_summary(&logs);
+    if !summary.is_empty() {
+        let _ = writeln!(r, "worker WARN/ERROR log lines by message");
+        for (message, n) in &summary {
+            let _ = writeln!(r, "  {n:>6}  {message}");
+        }
+        let _ = writeln!(r);
+    }
+    let notes = lock(&soak.notes);
+    if !notes.is_empty() {
+        let _ = writeln!(r, "notes");
+        for note in notes.iter() {
+            let _ = writeln!(r, "  - {note}");
+        }
+        let _ = writeln!(r);
+    }
+    if failures.is_empty() {
+        let _ = writeln!(r, "result              PASS");
+    } else {
+        let _ = writeln!(r, "result              FAIL");
+        for failure in failures {
+            let _ = writeln!(r, "  - {failure}");
+        }
+    }
 
+    let mut timeline = String::new();
+    for fault in faults.iter() {
+        let _ = writeln!(
+            timeline,
+            "{:>8}  {:<20} {}",
+            clock(fault.at),
+            fault.kind,
+            fault.detail
+        );
+    }
+    let _ = std::fs::write(soak.out.join("faults.txt"), timeline);
+    let _ = std::fs::write(soak.out.join("duplicates.txt"), appendix);
+    let _ = std::fs::write(soak.out.join("report.txt"), &r);
+    println!("{r}");
+    println!(
+        "(report, fault timeline, duplicates and worker logs in {})",
+        soak.out.display()
+    );
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The run's seed, duration, set-up and output.
+fn header(r: &mut String, soak: &Soak, publish_ended: Option<f64>, settle_secs: Option<f64>) {
+    let now = soak.now();
+    let args = &soak.args;
     let _ = writeln!(r, "amqp-mailer soak report");
     let _ = writeln!(r, "=======================");
     let _ = writeln!(
@@ -113,6 +143,39 @@ pub(crate) fn report(
     let _ = writeln!(r, "worker binary       {}", soak.build);
     let _ = writeln!(r, "output              {}", soak.out.display());
     let _ = writeln!(r);
+}
+
+/// Where the published jobs went.
+fn jobs(r: &mut String, ledger: &Ledger, verdict: &Verdict) {
+    let by_kind = |kind: JobKind| ledger.published.values().filter(|k| **k == kind).count();
+    let published = ledger.published.len();
+    let delivered_unique = ledger
+        .published
+        .keys()
+        .filter(|id| ledger.delivered.contains_key(*id))
+        .count();
+    let relay_messages: usize =
+        ledger.delivered.values().map(Vec::len).sum::<usize>() + ledger.foreign;
+    let dead_unique = ledger
+        .published
+        .keys()
+        .filter(|id| ledger.dead.contains_key(*id))
+        .count();
+    let mut dead_by_kind: BTreeMap<String, usize> = BTreeMap::new();
+    for letters in ledger.dead.values() {
+        for letter in letters {
+            *dead_by_kind.entry(letter.kind.clone()).or_default() += 1;
+        }
+    }
+    let Verdict {
+        lost,
+        duplicates,
+        extra_copies,
+        dead_twice,
+        delivered_and_dead: both,
+        misplaced,
+        ..
+    } = verdict;
     let _ = writeln!(r, "jobs");
     let _ = writeln!(
         r,
@@ -163,10 +226,20 @@ pub(crate) fn report(
         let _ = writeln!(r, "  misplaced         {}", misplaced.len());
     }
     let _ = writeln!(r);
-    // The counters as /metrics last showed them, and the same events counted in the logs: a
-    // worker's last scrape misses what it did in the final moments of its drain.
-    let logs: Vec<(usize, PathBuf)> = generations.iter().map(|g| (g.n, g.log.clone())).collect();
-    let from_logs = log_counts(&logs);
+}
+
+/// The counters as /metrics last showed them, and the same events counted in the logs: a
+/// worker's last scrape misses what it did in the final moments of its drain.
+fn counters(r: &mut String, generations: &[Generation], logs: &[(usize, PathBuf)]) {
+    // The counters summed over every worker's last scrape.
+    let counter = |name: &str| {
+        generations
+            .iter()
+            .filter_map(|g| g.metrics.as_ref())
+            .map(|m| m.sum(name, &[]))
+            .sum::<f64>() as u64
+    };
+    let from_logs = log_counts(logs);
     let _ = writeln!(
         r,
         "worker counters, summed over {} workers   /metrics   log lines",
@@ -197,7 +270,15 @@ pub(crate) fn report(
         let _ = writeln!(r, "  {label:<36}{:>10}  {logged:>10}", counter(name));
     }
     let _ = writeln!(r);
+}
 
+/// The faults injected, how the worker noticed and recovered, and its restarts.
+fn faults_and_restarts(
+    r: &mut String,
+    soak: &Soak,
+    faults: &[FaultRecord],
+    generations: &[Generation],
+) {
     let mut fault_counts: BTreeMap<&str, usize> = BTreeMap::new();
     for fault in faults.iter() {
         *fault_counts.entry(fault.kind).or_default() += 1;
@@ -265,7 +346,10 @@ pub(crate) fn report(
         restart_ready.iter().cloned().fold(0.0, f64::max)
     );
     let _ = writeln!(r);
+}
 
+/// One row per worker process: its life, how it stopped, its memory, threads and fds.
+fn generations_table(r: &mut String, generations: &[Generation], now: f64) {
     let _ = writeln!(r, "worker generations (RSS from /proc/<pid>/status)");
     let _ = writeln!(
         r,
@@ -317,8 +401,10 @@ pub(crate) fn report(
         }
     }
     let _ = writeln!(r);
+}
 
-    // RSS every minute (or every tenth of the run if shorter), with progress.
+/// RSS every minute (or every tenth of the run if shorter), with the books' progress.
+fn rss_over_time(r: &mut String, soak: &Soak, generations: &[Generation], now: f64) {
     let all: Vec<(usize, Sample)> = generations
         .iter()
         .flat_map(|g| g.samples.iter().map(move |s| (g.n, *s)))
@@ -371,7 +457,10 @@ pub(crate) fn report(
             p.map_or(0, |p| p.dead),
         );
     }
+}
 
+/// The memory check of the longest-lived worker, as the verdict judged it.
+fn memory_check(r: &mut String, memory: &Option<MemoryCheck>, args: &Args) {
     match memory {
         Some(MemoryCheck::Measured {
             worker,
@@ -412,13 +501,27 @@ pub(crate) fn report(
         None => {}
     }
     let _ = writeln!(r);
+}
 
-    // Where the duplicates came from, from the worker's own logs.
+/// Where the duplicates came from (from the worker's own logs), the lost jobs and the jobs in
+/// the wrong place; returns the duplicates' log lines, for `duplicates.txt`.
+fn duplicates_lost_misplaced(
+    r: &mut String,
+    ledger: &Ledger,
+    verdict: &Verdict,
+    logs: &[(usize, PathBuf)],
+) -> String {
+    let Verdict {
+        lost,
+        duplicates,
+        misplaced,
+        ..
+    } = verdict;
     let mut appendix = String::new();
     if !duplicates.is_empty() {
         let mut causes: BTreeMap<&str, usize> = BTreeMap::new();
         for (id, _) in duplicates {
-            let lines = log_lines_for(&logs, id);
+            let lines = log_lines_for(logs, id);
             let cause = if lines
                 .iter()
                 .any(|l| l.contains("could not publish the job"))
@@ -460,7 +563,7 @@ pub(crate) fn report(
         let _ = writeln!(r, "LOST jobs (first 20 of {})", lost.len());
         for id in lost.iter().take(20) {
             let _ = writeln!(r, "  {id} ({:?})", ledger.published[id]);
-            let lines = log_lines_for(&logs, id);
+            let lines = log_lines_for(logs, id);
             for line in lines.iter().take(10) {
                 let _ = writeln!(r, "      {line}");
             }
@@ -474,54 +577,7 @@ pub(crate) fn report(
         }
         let _ = writeln!(r);
     }
-    let summary = log_summary(&logs);
-    if !summary.is_empty() {
-        let _ = writeln!(r, "worker WARN/ERROR log lines by message");
-        for (message, n) in &summary {
-            let _ = writeln!(r, "  {n:>6}  {message}");
-        }
-        let _ = writeln!(r);
-    }
-    let notes = lock(&soak.notes);
-    if !notes.is_empty() {
-        let _ = writeln!(r, "notes");
-        for note in notes.iter() {
-            let _ = writeln!(r, "  - {note}");
-        }
-        let _ = writeln!(r);
-    }
-    if failures.is_empty() {
-        let _ = writeln!(r, "result              PASS");
-    } else {
-        let _ = writeln!(r, "result              FAIL");
-        for failure in failures {
-            let _ = writeln!(r, "  - {failure}");
-        }
-    }
-
-    let mut timeline = String::new();
-    for fault in faults.iter() {
-        let _ = writeln!(
-            timeline,
-            "{:>8}  {:<20} {}",
-            clock(fault.at),
-            fault.kind,
-            fault.detail
-        );
-    }
-    let _ = std::fs::write(soak.out.join("faults.txt"), timeline);
-    let _ = std::fs::write(soak.out.join("duplicates.txt"), appendix);
-    let _ = std::fs::write(soak.out.join("report.txt"), &r);
-    println!("{r}");
-    println!(
-        "(report, fault timeline, duplicates and worker logs in {})",
-        soak.out.display()
-    );
-    if failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    appendix
 }
 
 /// The log lines of the worker that mention `id` (ANSI colours stripped).
