@@ -7,7 +7,6 @@
 //! started and timed from its start until the sink has received all N and the queue has none
 //! ready or unacked. The count is verified, never assumed: a missing job fails the run.
 
-use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 use amqp_mailer::amqp::Topology;
 use amqp_mailer::config::{AmqpConfig, QueueType, RetryConfig};
 use amqp_mailer::policy::Schedule;
+use clap::{Parser, ValueEnum};
 use futures_util::StreamExt as _;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -23,6 +23,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use testkit::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
@@ -30,17 +31,74 @@ use tokio::sync::Notify;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const USAGE: &str = "\
-amqp-mailer benchmark (run it with bench/run, which installs smtp-sink and smtp-source)
-
-  bench/run [--case fast|slow|both] [--jobs N] [--size BYTES] [--concurrency C] [--delay-ms D]
-            [--repeat R] [--queue-type quorum|classic] [--sink auto|postfix|own]
-            [--no-ceilings] [--smoke]
-
+/// The flags. `bench/run --help` prints them (clap derives the text from these docs).
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench/run",
+    bin_name = "bench/run",
+    about = "amqp-mailer benchmark (run it with bench/run, which installs smtp-sink and smtp-source)",
+    after_help = "\
+Cases:
   --case fast   20,000 jobs of 2 KiB, concurrency 50, no relay delay (the default with slow)
   --case slow   20,000 jobs of 2 KiB, concurrency 200, relay answers 50 ms after each message
   --smoke       500 jobs, one repeat, both cases: checks that the benchmark works
-Flags after --case override that case's values.";
+--jobs, --size, --concurrency and --delay-ms override the case's values.",
+    // As before clap: a flag given twice takes its last value.
+    args_override_self = true
+)]
+struct Args {
+    /// Which case to run.
+    #[arg(long, value_enum, default_value_t = CaseChoice::Both)]
+    case: CaseChoice,
+    /// Jobs per run (overrides the case's 20,000).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Bytes of text per job (overrides the case's 2048).
+    #[arg(long, value_name = "BYTES")]
+    size: Option<usize>,
+    /// worker.concurrency (overrides the case's 50 or 200).
+    #[arg(long, value_name = "C")]
+    concurrency: Option<u16>,
+    /// Milliseconds the relay waits after each message (overrides the case's 0 or 50).
+    #[arg(long, value_name = "D")]
+    delay_ms: Option<u64>,
+    /// Runs of each case; the table shows their medians.
+    #[arg(long, value_name = "R", default_value_t = 3)]
+    repeat: usize,
+    /// The queue type of the work queue and its retry tiers.
+    #[arg(long, value_enum, default_value_t = QueueTypeChoice::Quorum)]
+    queue_type: QueueTypeChoice,
+    /// The SMTP sink: Postfix's smtp-sink, this program's own, or (auto) smtp-sink unless the
+    /// case has a relay delay.
+    #[arg(long, value_enum, default_value_t = SinkChoice::Auto)]
+    sink: SinkChoice,
+    /// Skip the ceilings (smtp-source into the same sink, and the ack-only consumer).
+    #[arg(long)]
+    no_ceilings: bool,
+    /// 500 jobs, one repeat: checks that the benchmark works.
+    #[arg(long)]
+    smoke: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CaseChoice {
+    Fast,
+    Slow,
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum QueueTypeChoice {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SinkChoice {
+    Auto,
+    Postfix,
+    Own,
+}
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -56,104 +114,58 @@ struct Options {
     cases: Vec<Case>,
     repeat: usize,
     queue_type: QueueType,
-    sink: String,
+    sink: SinkChoice,
     ceilings: bool,
     amqp_url: String,
     binary: String,
 }
 
-fn parse_args() -> Result<Options, Error> {
-    let mut args = std::env::args().skip(1).collect::<Vec<_>>();
-    let mut which = "both".to_string();
-    let mut overrides: HashMap<String, String> = HashMap::new();
-    let mut repeat = 3;
-    let mut queue_type = QueueType::Quorum;
-    let mut sink = "auto".to_string();
-    let mut ceilings = true;
-    let mut smoke = false;
-    while !args.is_empty() {
-        let flag = args.remove(0);
-        let mut value = || -> Result<String, Error> {
-            if args.is_empty() {
-                Err(format!("{flag} needs a value").into())
-            } else {
-                Ok(args.remove(0))
-            }
+impl Options {
+    /// The cases and settings that `args` ask for, with the environment's broker and binary.
+    fn new(args: Args) -> Options {
+        let fast = Case {
+            name: "fast",
+            jobs: 20_000,
+            size: 2048,
+            concurrency: 50,
+            delay: Duration::ZERO,
         };
-        match flag.as_str() {
-            "--case" => which = value()?,
-            "--jobs" | "--size" | "--concurrency" | "--delay-ms" => {
-                overrides.insert(flag.clone(), value()?);
+        let slow = Case {
+            name: "slow",
+            jobs: 20_000,
+            size: 2048,
+            concurrency: 200,
+            delay: Duration::from_millis(50),
+        };
+        let mut cases = match args.case {
+            CaseChoice::Fast => vec![fast],
+            CaseChoice::Slow => vec![slow],
+            CaseChoice::Both => vec![fast, slow],
+        };
+        for case in &mut cases {
+            if args.smoke {
+                case.jobs = 500;
             }
-            "--repeat" => repeat = value()?.parse()?,
-            "--queue-type" => {
-                queue_type = match value()?.as_str() {
-                    "quorum" => QueueType::Quorum,
-                    "classic" => QueueType::Classic,
-                    other => return Err(format!("--queue-type {other}?").into()),
-                }
-            }
-            "--sink" => sink = value()?,
-            "--no-ceilings" => ceilings = false,
-            "--smoke" => smoke = true,
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown flag {other}\n{USAGE}").into()),
+            case.jobs = args.jobs.unwrap_or(case.jobs);
+            case.size = args.size.unwrap_or(case.size);
+            case.concurrency = args.concurrency.unwrap_or(case.concurrency);
+            case.delay = args.delay_ms.map_or(case.delay, Duration::from_millis);
+        }
+        Options {
+            cases,
+            repeat: if args.smoke { 1 } else { args.repeat },
+            queue_type: match args.queue_type {
+                QueueTypeChoice::Quorum => QueueType::Quorum,
+                QueueTypeChoice::Classic => QueueType::Classic,
+            },
+            sink: args.sink,
+            ceilings: !args.no_ceilings,
+            amqp_url: std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            binary: std::env::var("AMQP_MAILER_BIN")
+                .unwrap_or_else(|_| "target/release/amqp-mailer".into()),
         }
     }
-    let fast = Case {
-        name: "fast",
-        jobs: 20_000,
-        size: 2048,
-        concurrency: 50,
-        delay: Duration::ZERO,
-    };
-    let slow = Case {
-        name: "slow",
-        jobs: 20_000,
-        size: 2048,
-        concurrency: 200,
-        delay: Duration::from_millis(50),
-    };
-    let mut cases = match which.as_str() {
-        "fast" => vec![fast],
-        "slow" => vec![slow],
-        "both" => vec![fast, slow],
-        other => return Err(format!("--case {other}? (fast, slow or both)").into()),
-    };
-    for case in &mut cases {
-        if smoke {
-            case.jobs = 500;
-        }
-        if let Some(v) = overrides.get("--jobs") {
-            case.jobs = v.parse()?;
-        }
-        if let Some(v) = overrides.get("--size") {
-            case.size = v.parse()?;
-        }
-        if let Some(v) = overrides.get("--concurrency") {
-            case.concurrency = v.parse()?;
-        }
-        if let Some(v) = overrides.get("--delay-ms") {
-            case.delay = Duration::from_millis(v.parse()?);
-        }
-    }
-    if smoke {
-        repeat = 1;
-    }
-    Ok(Options {
-        cases,
-        repeat,
-        queue_type,
-        sink,
-        ceilings,
-        amqp_url: std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        binary: std::env::var("AMQP_MAILER_BIN")
-            .unwrap_or_else(|_| "target/release/amqp-mailer".into()),
-    })
 }
 
 /// One measured run.
@@ -171,13 +183,17 @@ struct Sample {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let options = match parse_args() {
-        Ok(options) => options,
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help: printed on stdout, exit 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A usage error keeps the exit code it had before clap (EX_USAGE).
         Err(e) => {
-            eprintln!("bench: {e}");
+            let _ = e.print();
             std::process::exit(64);
         }
     };
+    let options = Options::new(args);
     if let Err(e) = run(options).await {
         eprintln!("bench: FAILED: {e}");
         std::process::exit(1);
@@ -211,10 +227,10 @@ async fn run(options: Options) -> Result<(), Error> {
     );
     let mut table = Vec::new();
     for case in &options.cases {
-        let sink_kind = match options.sink.as_str() {
-            "auto" if case.delay.is_zero() => "postfix",
-            "auto" => "own",
-            other => other,
+        let sink_kind = match options.sink {
+            SinkChoice::Auto if case.delay.is_zero() => "postfix",
+            SinkChoice::Auto | SinkChoice::Own => "own",
+            SinkChoice::Postfix => "postfix",
         };
         let mut worker = Vec::new();
         let mut source = Vec::new();
@@ -791,9 +807,9 @@ async fn worker_run(
         let metrics_addr = format!("127.0.0.1:{http_port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let text = amqp_mailer::http::check(metrics_addr, "/metrics").await?;
-            let delivered = metric(&text, "amqp_mailer_jobs_delivered_total");
-            let in_flight = metric(&text, "amqp_mailer_jobs_in_flight");
+            let metrics = scrape(metrics_addr).await?;
+            let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
+            let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
             if delivered >= case.jobs as f64 && in_flight == 0.0 {
                 break;
             }
@@ -809,25 +825,28 @@ async fn worker_run(
         let seconds = started.elapsed().as_secs_f64();
         let cpu = cpu_ms(pid);
         let rss = peak_rss_mib(pid);
-        let text = amqp_mailer::http::check(metrics_addr, "/metrics").await?;
+        let metrics = scrape(metrics_addr).await?;
         for (series, want) in [
             ("amqp_mailer_jobs_received_total", case.jobs as f64),
             ("amqp_mailer_jobs_delivered_total", case.jobs as f64),
         ] {
-            let got = metric(&text, series);
+            let got = metric(&metrics, series, &[]);
             if got != want {
                 return Err(
                     format!("{series} = {got}, expected {want}: retries or duplicates").into(),
                 );
             }
         }
+        let delivered = [("outcome", "delivered")];
         let sends = metric(
-            &text,
-            "amqp_mailer_smtp_send_duration_seconds_count{outcome=\"delivered\"}",
+            &metrics,
+            "amqp_mailer_smtp_send_duration_seconds_count",
+            &delivered,
         );
         let send_seconds = metric(
-            &text,
-            "amqp_mailer_smtp_send_duration_seconds_sum{outcome=\"delivered\"}",
+            &metrics,
+            "amqp_mailer_smtp_send_duration_seconds_sum",
+            &delivered,
         );
         let smtp_send_ms = (sends > 0.0).then(|| 1000.0 * send_seconds / sends);
         let extra = sink.extra(case.jobs);
@@ -878,13 +897,15 @@ async fn worker_run(
     result
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+/// The worker's `/metrics`, parsed: a page that is not in the text format fails the run.
+async fn scrape(addr: std::net::SocketAddr) -> Result<Metrics, Error> {
+    let text = amqp_mailer::http::check(addr, "/metrics").await?;
+    Ok(Metrics::parse(&text)?)
+}
+
+/// The series `name` with exactly `labels`; 0 before the worker has counted any.
+fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics.get(name, labels).unwrap_or(0.0)
 }
 
 /// Postfix's smtp-source sending the same number and size of messages with C sessions.

@@ -2,12 +2,10 @@
 //! a plain AMQP client, mail checked at the SMTP server; bad configuration refused before any
 //! connection.
 
-mod common;
-
-use common::broker::{Broker, WAIT, amqp_url};
-use common::process::{WorkerProcess, free_port, run_to_end};
-use common::smtp::SmtpServer;
-use common::worker::job;
+use testkit::broker::{Broker, WAIT, amqp_url};
+use testkit::process::{WorkerProcess, free_port, run_to_end};
+use testkit::smtp::SmtpServer;
+use testkit::worker::job;
 
 fn config_file(broker: &Broker, smtp_port: u16) -> (tempfile::TempDir, String) {
     let names = &broker.names;

@@ -1,18 +1,16 @@
 //! The command-line tools, run as the real binary against the real broker: publish, dead-letters
 //! list and replay (including a replay killed half-way), health, and --help everywhere.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::broker::{Broker, WAIT, header};
-use common::process::{WorkerProcess, broker_env, free_port, run_to_end};
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, test_config};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use mail_parser::MimeHeaders as _;
+use testkit::broker::{Broker, WAIT, header};
+use testkit::process::{WorkerProcess, broker_env, free_port, run_to_end};
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, job, test_config};
 
 /// Declares the test's topology by starting and stopping a worker.
 async fn declare(broker: &Broker) {
@@ -96,7 +94,7 @@ async fn publish_from_flags_file_and_stdin_is_delivered() {
     assert_eq!(stdout.trim(), "from-file-1");
 
     let stdin_job = r#"{"to":"dora@example.com","subject":"Stdin","text":"from stdin"}"#;
-    let mut child = tokio::process::Command::new(common::process::BINARY)
+    let mut child = tokio::process::Command::new(testkit::process::binary())
         .args(["publish", "--file", "-"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(std::process::Stdio::piped())

@@ -1,5 +1,5 @@
 //! Every committed fuzz input, run as an ordinary test through the very code of the fuzz targets
-//! (`tests/common/targets.rs`, which `fuzz/` includes too):
+//! (`testkit::targets`, in `tests/kit/`, which `fuzz/` runs too):
 //!
 //! - `fuzz/regressions/<target>/*`: inputs that once found a bug; each must now pass.
 //! - `fuzz/seeds/<target>/*`: the corpus CI's fuzzing starts from; each must pass as well.
@@ -7,16 +7,10 @@
 //! A missing directory is fine (no input of that kind yet), but the test insists on at least one
 //! input per target overall, so that it can never pass by finding nothing.
 
-#[path = "common/hostile.rs"]
-mod hostile;
-#[path = "common/invariants.rs"]
-mod invariants;
-#[path = "common/targets.rs"]
-mod targets;
-
 use std::path::{Path, PathBuf};
 
-use invariants::Verdict;
+use testkit::invariants::Verdict;
+use testkit::targets;
 
 const TARGETS: &[&str] = &["decode_job", "build_message"];
 

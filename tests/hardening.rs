@@ -3,11 +3,7 @@
 //! MIME part it did not declare (CR/LF, encoded words, reserved headers, multipart attachments,
 //! SMTP smuggling in an attachment); and the worker holds at most `concurrency` jobs whatever the
 //! queue holds. Each delivered message is checked by the same invariants as the fuzz targets
-//! (`tests/common/invariants.rs`).
-
-mod common;
-#[path = "common/invariants.rs"]
-mod invariants;
+//! (`testkit::invariants`).
 
 use std::time::Duration;
 
@@ -16,10 +12,11 @@ use amqp_mailer::job::{self, Limits};
 use amqp_mailer::pipeline::{JobEvent, JobOutcome};
 use amqp_mailer::policy::ErrorKind;
 use base64::Engine as _;
-use common::broker::{Broker, Reader, WAIT, header};
-use common::smtp::{Action, Cmd, ReceivedMessage, Rule, SmtpServer};
-use common::worker::{RunningWorker, test_config};
 use lapin::BasicProperties;
+use testkit::broker::{Broker, Reader, WAIT, header};
+use testkit::invariants;
+use testkit::smtp::{Action, Cmd, ReceivedMessage, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, test_config, wait_for_job};
 use tokio::sync::broadcast;
 
 /// A worker on its own queues, with its relay, its dead-letter reader and its event stream.
@@ -38,7 +35,7 @@ impl Setup {
         let broker = Broker::new(test).await;
         let mut config = test_config(&broker, smtp.port());
         configure(&mut config);
-        let limits = Limits::new(config.worker.max_job_bytes, &config.limits);
+        let limits = config.job_limits();
         let worker = RunningWorker::start(&broker, config).await;
         let events = worker.handles.events.subscribe();
         let dead = broker.reader(&broker.names.dead).await;
@@ -65,15 +62,7 @@ impl Setup {
 
     /// Waits for the settlement of the job published as `name`.
     async fn settled(&mut self, name: &str) -> JobOutcome {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Ok(event)) if event.job_id.as_deref() == Some(name) => return event.outcome,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("event stream broke: {e}"),
-                Err(_) => panic!("job {name} was not settled within {WAIT:?}"),
-            }
-        }
+        wait_for_job(&mut self.events, name, WAIT).await.outcome
     }
 
     /// Publishes a job that must be refused: it is dead-lettered as invalid, with a `last-error`

@@ -1,13 +1,11 @@
-//! Self-tests of the test harness (`tests/common`): the scripted SMTP server and the
+//! Self-tests of the test harness (`tests/kit`): the scripted SMTP server and the
 //! fault-injection proxy, driven by a raw SMTP client over a plain TcpStream.
-
-mod common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::proxy::Proxy;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -245,6 +243,11 @@ async fn data_end_reply_rule_and_data_delay() {
     assert_eq!(c.cmd("DATA").await, 354);
     let start = Instant::now();
     c.send("Subject: fine\r\n\r\nx\r\n.\r\n").await;
+    // The final dot is counted while the reply is still held back.
+    server
+        .wait_for(T, "the second message's final dot", |s| s.data_ends == 2)
+        .await;
+    assert!(server.messages().is_empty(), "not recorded before its 250");
     assert_eq!(c.reply().await.0, 250);
     assert!(start.elapsed() >= Duration::from_millis(150));
     let msgs = server.wait_for_messages(1, T).await;

@@ -6,25 +6,22 @@
 //!
 //! Without the venv the tests fail with a message saying how to install it; they never skip.
 
-mod common;
 /// Helpers of this file only: tests/interop/.
 mod interop {
     pub mod aiosmtpd;
-    pub mod pki;
 }
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use amqp_mailer::config::{AuthMechanism, Config, Secret, TlsMode};
-use amqp_mailer::pipeline::{JobEvent, JobOutcome};
+use amqp_mailer::pipeline::JobOutcome;
 use amqp_mailer::policy::ErrorKind;
-use common::broker::{Broker, header};
-use common::process::free_port;
-use common::worker::{RunningWorker, job, retry_queues, test_config};
 use interop::aiosmtpd::{Aiosmtpd, Recorded, RelayOptions, RelayTls};
-use interop::pki::{Pki, TempDir};
-use tokio::sync::broadcast;
+use testkit::broker::{Broker, header};
+use testkit::pki::{Pki, TempDir};
+use testkit::process::free_port;
+use testkit::worker::{RunningWorker, job, retry_queues, test_config, wait_for_job};
 
 const USER: &str = "mailer@relay.test";
 const PASSWORD: &str = "s3cret pass:word";
@@ -79,20 +76,6 @@ fn retry_once_and_wait_long(config: &mut Config) {
     config.retry.max_attempts = 2;
 }
 
-/// Waits for the event of `job_id`; panics on timeout with what was seen.
-async fn settled(rx: &mut broadcast::Receiver<JobEvent>, job_id: &str) -> JobEvent {
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Ok(event)) if event.job_id.as_deref() == Some(job_id) => return event,
-            Ok(Ok(event)) => seen.push(event),
-            Ok(Err(e)) => panic!("event stream broke: {e}"),
-            Err(_) => panic!("job {job_id} not settled within {SETTLE:?}; other events: {seen:?}"),
-        }
-    }
-}
-
 /// Publishes `id` and waits until it is delivered; returns what the relay recorded for it.
 async fn deliver(
     broker: &Broker,
@@ -103,7 +86,7 @@ async fn deliver(
 ) -> Recorded {
     let mut events = worker.handles.events.subscribe();
     broker.publish(body.as_bytes()).await;
-    let event = settled(&mut events, id).await;
+    let event = wait_for_job(&mut events, id, SETTLE).await;
     assert_eq!(
         event.outcome,
         JobOutcome::Delivered,
@@ -135,7 +118,7 @@ async fn expect_retried(
         .expect("a retry queue");
     let mut events = worker.handles.events.subscribe();
     broker.publish(job(id, "ann@example.com").as_bytes()).await;
-    let event = settled(&mut events, id).await;
+    let event = wait_for_job(&mut events, id, SETTLE).await;
     assert_eq!(
         (event.outcome, event.attempt),
         (JobOutcome::Retried, 1),

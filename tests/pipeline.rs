@@ -1,20 +1,18 @@
 //! The pipeline against the real broker and the scripted SMTP server: delivery, concurrency,
 //! retries, dead letters, invalid jobs, deadlines, and the republish-then-ack rule.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use amqp_mailer::app::RunError;
 use amqp_mailer::config::QueueType;
 use base64::Engine as _;
-use common::broker::{Broker, WAIT, header};
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, test_config};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use mail_parser::MimeHeaders as _;
+use testkit::broker::{Broker, WAIT, header};
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, job, test_config};
 
 fn count_commands(server: &SmtpServer, verb: &str) -> usize {
     server
@@ -444,7 +442,7 @@ async fn original_is_not_acked_when_the_retry_publish_cannot_be_confirmed() {
     ));
     let broker = Broker::new("noconfirm").await;
     let config = test_config(&broker, smtp.port());
-    let retry_queues = common::worker::retry_queues(&config);
+    let retry_queues = testkit::worker::retry_queues(&config);
     let worker = RunningWorker::start(&broker, config).await;
     // Take the retry queues away under the running worker: its mandatory retry publish is
     // now returned unroutable, which must not count as stored.
@@ -487,7 +485,7 @@ async fn queue_with_other_arguments_is_a_clear_startup_error() {
     broker.declare_conflicting_work_queue().await;
     let mut config = test_config(&broker, 2525);
     config.amqp.queue_type = QueueType::Quorum;
-    broker.also_delete(common::worker::retry_queues(&config));
+    broker.also_delete(testkit::worker::retry_queues(&config));
     let mut worker = RunningWorker::spawn(config);
     let error = worker.join().await.expect_err("must refuse to start");
     assert!(matches!(error, RunError::Topology(_)), "{error:?}");

@@ -2,14 +2,12 @@
 //! PHP/php-amqplib and the shell against the real broker and worker. Their runtimes come from
 //! `bash .ci/install-test-tools`; a missing one fails the test, saying so.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::broker::{Broker, WAIT, amqp_url};
-use common::smtp::SmtpServer;
-use common::worker::{RunningWorker, test_config};
 use mail_parser::MimeHeaders as _;
+use testkit::broker::{Broker, WAIT, amqp_url};
+use testkit::smtp::SmtpServer;
+use testkit::worker::{RunningWorker, test_config};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -57,7 +55,7 @@ async fn run_example(
 }
 
 /// The one message the example's job produced, with the Message-ID its id gives.
-async fn delivered(smtp: &SmtpServer, id: &str) -> common::smtp::ReceivedMessage {
+async fn delivered(smtp: &SmtpServer, id: &str) -> testkit::smtp::ReceivedMessage {
     let messages = smtp.wait_for_messages(1, WAIT).await;
     assert_eq!(messages.len(), 1);
     let message = messages[0].clone();
@@ -152,7 +150,7 @@ async fn shell_example_is_delivered() {
     let smtp = SmtpServer::start();
     let broker = Broker::new("shell").await;
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
-    let binary_dir = Path::new(common::process::BINARY).parent().expect("dir");
+    let binary_dir = testkit::process::binary().parent().expect("dir");
     let path = format!(
         "{}:{}",
         binary_dir.display(),

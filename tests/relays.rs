@@ -1,20 +1,18 @@
 //! Beyond one relay and one outcome: per-recipient outcomes, rate limits, overload flow control,
 //! ambiguous sends, failover and weighted round-robin, and the retry window.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use amqp_mailer::config::{AmbiguousPolicy, RelayEntry, RelayMode};
 use amqp_mailer::pipeline::{JobEvent, JobOutcome};
 use amqp_mailer::policy::ErrorKind;
-use common::broker::{Broker, WAIT, header};
-use common::metrics::metric_sum;
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, test_config, wait_events};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use testkit::broker::{Broker, WAIT, header};
+use testkit::metrics::metric_sum;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, job, test_config, wait_events};
 
 fn relay_entry(name: &str, port: u16, weight: u32) -> RelayEntry {
     RelayEntry {

@@ -3,20 +3,18 @@
 //! not disturbed. Every scenario accounts for every job: delivered or dead-lettered or back in
 //! the queue, none lost, duplicates counted.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use amqp_mailer::pipeline::JobOutcome;
 use amqp_mailer::status::Phase;
-use common::broker::{Broker, WAIT, amqp_url};
-use common::metrics::{metric, metric_sum};
-use common::process::{WorkerProcess, free_port, worker_env};
-use common::proxy::Proxy;
-use common::smtp::{Action, Cmd, Rule, SmtpServer};
-use common::worker::{RunningWorker, job, retry_queues, test_config, wait_events};
+use testkit::broker::{Broker, WAIT, amqp_url};
+use testkit::metrics::{metric, metric_sum};
+use testkit::process::{WorkerProcess, free_port};
+use testkit::proxy::Proxy;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, job, retry_queues, test_config, wait_events};
 
 fn broker_addr() -> SocketAddr {
     "127.0.0.1:5672".parse().expect("address")
@@ -48,13 +46,14 @@ async fn sigterm_with_100_jobs_in_flight_drains_them_and_exits_0() {
     smtp.set_data_delay(Duration::from_millis(1500));
     let broker = Broker::new("sigterm").await;
     let names = broker.names.clone();
-    broker.also_delete([format!("{}10s", names.retry_prefix)]);
-    let mut env = worker_env(&names, smtp.port());
-    env.extend([
-        ("AMQP_MAILER_WORKER__CONCURRENCY", "100".into()),
-        ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
-    ]);
-    let mut worker = WorkerProcess::start(&["run"], &env);
+    let mut worker = WorkerProcess::run(
+        &broker,
+        smtp.port(),
+        [
+            ("AMQP_MAILER_WORKER__CONCURRENCY", "100".into()),
+            ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
+        ],
+    );
     worker.wait_for_log("consuming", WAIT).await;
     for i in 0..150 {
         broker
@@ -100,15 +99,16 @@ async fn second_signal_stops_at_once_and_unfinished_jobs_go_back_to_the_queue() 
     smtp.add_rule(Rule::always(Cmd::DataEnd, Action::Stall));
     let broker = Broker::new("twosignals").await;
     let names = broker.names.clone();
-    broker.also_delete([format!("{}10s", names.retry_prefix)]);
-    let mut env = worker_env(&names, smtp.port());
-    env.extend([
-        ("AMQP_MAILER_WORKER__CONCURRENCY", "10".into()),
-        ("AMQP_MAILER_SMTP__TIMEOUT", "60s".into()),
-        ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
-        ("AMQP_MAILER_SHUTDOWN__GRACE", "60s".into()),
-    ]);
-    let mut worker = WorkerProcess::start(&["run"], &env);
+    let mut worker = WorkerProcess::run(
+        &broker,
+        smtp.port(),
+        [
+            ("AMQP_MAILER_WORKER__CONCURRENCY", "10".into()),
+            ("AMQP_MAILER_SMTP__TIMEOUT", "60s".into()),
+            ("AMQP_MAILER_SMTP__FROM", "drain@example.com".into()),
+            ("AMQP_MAILER_SHUTDOWN__GRACE", "60s".into()),
+        ],
+    );
     worker.wait_for_log("consuming", WAIT).await;
     for i in 0..10 {
         broker
@@ -281,7 +281,8 @@ async fn a_stop_while_reconnecting_still_drains_the_jobs_in_flight() {
     broker
         .publish(job("inflight-1", "ann@example.com").as_bytes())
         .await;
-    smtp.wait_for(WAIT, "the job's DATA", |s| s.data_commands() >= 1)
+    // Sent whole, only the relay's verdict awaited: past the point where a job gives up.
+    smtp.wait_for(WAIT, "the job's message, whole", |s| s.data_ends >= 1)
         .await;
 
     proxy.set_blackhole(true);
@@ -620,18 +621,18 @@ async fn systemd_notifications_ready_watchdog_status_and_stopping() {
 
     let smtp = SmtpServer::start();
     let broker = Broker::new("systemd").await;
-    let names = broker.names.clone();
-    broker.also_delete([format!("{}10s", names.retry_prefix)]);
     let socket_path =
         std::env::temp_dir().join(format!("amqp-mailer-notify-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket_path);
     let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
-    let mut env = worker_env(&names, smtp.port());
-    env.extend([
-        ("NOTIFY_SOCKET", socket_path.to_string_lossy().into_owned()),
-        ("WATCHDOG_USEC", "400000".into()),
-    ]);
-    let mut worker = WorkerProcess::start(&["run"], &env);
+    let mut worker = WorkerProcess::run(
+        &broker,
+        smtp.port(),
+        [
+            ("NOTIFY_SOCKET", socket_path.to_string_lossy().into_owned()),
+            ("WATCHDOG_USEC", "400000".into()),
+        ],
+    );
     let mut buf = vec![0u8; 4096];
     let mut recv = async || -> String {
         let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))

@@ -1,5 +1,5 @@
 //! Arbitrary bytes as a job body: decoded with the default limits and with small ones; a valid
-//! job is built and the message checked. See tests/common/targets.rs.
+//! job is built and the message checked. See tests/kit/src/targets.rs.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

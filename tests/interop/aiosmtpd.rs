@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-use super::pki::Pki;
+use testkit::pki::Pki;
 
 const INSTALL_HINT: &str = "run `bash .ci/install-test-tools` (it makes target/test-tools/venv \
                             with aiosmtpd), then run the tests again";
@@ -96,24 +96,10 @@ impl Recorded {
 
     /// The first header of that name (case-insensitive), raw: unfolded, not decoded.
     pub fn header(&self, name: &str) -> Option<String> {
-        let mut fields: Vec<(&str, String)> = Vec::new();
-        for line in self.data.split('\n') {
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            if line.is_empty() {
-                break;
-            }
-            if line.starts_with([' ', '\t']) {
-                if let Some((_, value)) = fields.last_mut() {
-                    value.push_str(line);
-                }
-            } else if let Some((field, value)) = line.split_once(':') {
-                fields.push((field.trim(), value.to_string()));
-            }
-        }
-        fields
+        testkit::smtp::unfolded_headers(self.data.as_bytes())
             .into_iter()
             .find(|(field, _)| field.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.trim().to_string())
+            .map(|(_, value)| value)
     }
 }
 

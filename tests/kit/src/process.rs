@@ -1,15 +1,50 @@
 //! The real `amqp-mailer` binary as a child process, with its log lines readable as events.
 
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use super::broker::{Names, amqp_url};
+use crate::broker::{Broker, Names, amqp_url};
 
-pub const BINARY: &str = env!("CARGO_BIN_EXE_amqp-mailer");
+/// The `amqp-mailer` binary that cargo built beside the running test (or example).
+///
+/// `env!("CARGO_BIN_EXE_amqp-mailer")` exists only while cargo compiles the root package's own
+/// tests, not this crate, so the kit finds the binary where cargo puts it: in the profile
+/// directory (`target/debug/`) above the test's `deps/` (or the example's `examples/`). Cargo
+/// builds a package's binaries before its integration tests. Panics, naming the path, if the
+/// binary is not there.
+pub fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        // Set by cargo at run time too, where it does (and by hand, to test another build).
+        if let Some(path) = std::env::var_os("CARGO_BIN_EXE_amqp-mailer") {
+            return PathBuf::from(path);
+        }
+        let binary = profile_dir().join(format!("amqp-mailer{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            binary.is_file(),
+            "{} is missing: run the tests with `cargo test`, which builds it",
+            binary.display()
+        );
+        binary
+    })
+}
+
+/// The directory of cargo's build profile that holds the running executable (`target/debug`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the path of the running test executable");
+    let dir = exe.parent().expect("the test executable is in a directory");
+    // Tests and benches live in `deps/`, examples in `examples/`; the binaries one level up.
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("deps" | "examples") => dir.parent().unwrap_or(dir).to_path_buf(),
+        _ => dir.to_path_buf(),
+    }
+}
 
 /// The environment that points the binary at a test's queues on the test broker (classic
 /// queues, quick to create and delete).
@@ -42,6 +77,7 @@ pub fn worker_env(names: &Names, smtp_port: u16) -> Vec<(&'static str, String)> 
     env
 }
 
+/// The binary running as a child process (killed when dropped), its stderr collected.
 pub struct WorkerProcess {
     child: Child,
     /// Every stderr line so far.
@@ -52,7 +88,7 @@ impl WorkerProcess {
     /// Starts `amqp-mailer` with `args`, the environment cleared of AMQP_MAILER_* and set to
     /// `envs`, and JSON-free text logs on stderr.
     pub fn start(args: &[&str], envs: &[(&str, String)]) -> Self {
-        let mut command = Command::new(BINARY);
+        let mut command = Command::new(binary());
         command
             .args(args)
             .stdin(Stdio::null())
@@ -82,8 +118,23 @@ impl WorkerProcess {
         Self { child, log }
     }
 
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// Starts `amqp-mailer run` on `broker`'s queues and the relay on 127.0.0.1:`smtp_port`
+    /// ([`worker_env`], then `extra`), without waiting. Its one retry queue (`<retry_prefix>10s`,
+    /// see [`worker_env`]) is deleted with the broker's queues.
+    pub fn run(
+        broker: &Broker,
+        smtp_port: u16,
+        extra: impl IntoIterator<Item = (&'static str, String)>,
+    ) -> Self {
+        broker.also_delete([format!("{}10s", broker.names.retry_prefix)]);
+        let mut env = worker_env(&broker.names, smtp_port);
+        env.extend(extra);
+        Self::start(&["run"], &env)
     }
 
     /// Waits for a log line containing `needle`; panics with the log so far on timeout.
@@ -106,10 +157,12 @@ impl WorkerProcess {
         }
     }
 
+    /// Every stderr line so far.
     pub fn log(&self) -> Vec<String> {
         self.log.borrow().clone()
     }
 
+    /// Sends `signal` (e.g. `TERM`) with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))
@@ -133,7 +186,7 @@ impl WorkerProcess {
 
 /// Runs the binary to completion (for subcommands like `config`); returns status, stdout, stderr.
 pub async fn run_to_end(args: &[&str], envs: &[(&str, String)]) -> (ExitStatus, String, String) {
-    let mut command = Command::new(BINARY);
+    let mut command = Command::new(binary());
     command.args(args).stdin(Stdio::null()).kill_on_drop(true);
     for (key, _) in std::env::vars() {
         if key.starts_with("AMQP_MAILER") {

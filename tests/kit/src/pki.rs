@@ -7,18 +7,25 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-/// A directory under the target's temp dir, removed when dropped.
+/// A directory under cargo's temp dir for tests (`target/tmp`), removed when dropped.
 pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
+    /// A new directory named after `label`.
     pub fn new(label: &str) -> Self {
+        // `target/tmp`, what cargo gives its own tests as CARGO_TARGET_TMPDIR (a compile-time
+        // variable of the test crate only, so found from the running executable here).
+        let profile = crate::process::profile_dir();
+        let base = profile.parent().unwrap_or(&profile).join("tmp");
+        std::fs::create_dir_all(&base).unwrap_or_else(|e| panic!("create {}: {e}", base.display()));
         let dir = tempfile::Builder::new()
             .prefix(&format!("interop-{label}-"))
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(&base)
             .expect("create the test's temp dir");
         Self(dir)
     }
 
+    /// Where the directory is.
     pub fn path(&self) -> &Path {
         self.0.path()
     }

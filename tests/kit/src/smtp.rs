@@ -66,6 +66,7 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// `action` on every `cmd`.
     pub fn always(cmd: Cmd, action: Action) -> Rule {
         Rule {
             cmd,
@@ -75,12 +76,14 @@ impl Rule {
             every: None,
         }
     }
+    /// `action` on the first `n` of `cmd`.
     pub fn times(n: usize, cmd: Cmd, action: Action) -> Rule {
         Rule {
             times: Some(n),
             ..Rule::always(cmd, action)
         }
     }
+    /// Only where the command line (or the data) contains `needle`.
     pub fn matching(mut self, needle: impl Into<String>) -> Rule {
         self.matching = Some(needle.into());
         self
@@ -107,27 +110,10 @@ pub struct ReceivedMessage {
 impl ReceivedMessage {
     /// All header fields in order as (name, raw value): folding undone, not decoded.
     pub fn headers(&self) -> Vec<(String, String)> {
-        let text = String::from_utf8_lossy(&self.data);
-        let mut out: Vec<(String, String)> = Vec::new();
-        for line in text.split('\n') {
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            if line.is_empty() {
-                break; // end of the header section
-            }
-            if line.starts_with([' ', '\t']) {
-                // RFC 5322 2.2.3: unfolding removes only the line break, keeps the WSP.
-                if let Some((_, value)) = out.last_mut() {
-                    value.push_str(line);
-                }
-            } else if let Some((name, value)) = line.split_once(':') {
-                out.push((name.trim().to_string(), value.to_string()));
-            }
-        }
-        out.into_iter()
-            .map(|(n, v)| (n, v.trim().to_string()))
-            .collect()
+        unfolded_headers(&self.data)
     }
 
+    /// Every value of the header `name` (case-insensitive), in order.
     pub fn headers_named(&self, name: &str) -> Vec<String> {
         let found = self.headers().into_iter();
         found
@@ -141,6 +127,7 @@ impl ReceivedMessage {
         self.headers_named(name).into_iter().next()
     }
 
+    /// The message through mail-parser; panics if it cannot be parsed.
     pub fn parsed(&self) -> mail_parser::Message<'_> {
         mail_parser::MessageParser::default()
             .parse(&self.data)
@@ -155,6 +142,31 @@ impl ReceivedMessage {
     }
 }
 
+/// The header fields of a message as any relay recorded it, in order, as (name, raw value):
+/// folding undone, not decoded, names and values trimmed. Lenient (bare LF, lines without a
+/// colon skipped): `invariants::header_fields` is the strict reading.
+pub fn unfolded_headers(data: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(data);
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            break; // end of the header section
+        }
+        if line.starts_with([' ', '\t']) {
+            // RFC 5322 2.2.3: unfolding removes only the line break, keeps the WSP.
+            if let Some((_, value)) = out.last_mut() {
+                value.push_str(line);
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            out.push((name.trim().to_string(), value.to_string()));
+        }
+    }
+    out.into_iter()
+        .map(|(n, v)| (n, v.trim().to_string()))
+        .collect()
+}
+
 /// Everything a test may want to wait on, published through a `watch` channel.
 #[derive(Debug, Default, Clone)]
 pub struct SmtpState {
@@ -165,6 +177,9 @@ pub struct SmtpState {
     pub open_sessions: usize,
     pub max_concurrent_sessions: usize,
     pub sessions_total: u64,
+    /// Messages whose final dot has arrived, counted before the reply to it (which
+    /// `set_data_delay` holds back): the client has sent the message whole.
+    pub data_ends: usize,
 }
 
 impl SmtpState {
@@ -224,6 +239,7 @@ impl Shared {
     }
 }
 
+/// The scripted SMTP relay on 127.0.0.1 (see the module's documentation).
 pub struct SmtpServer {
     shared: Arc<Shared>,
     acceptor: Acceptor,
@@ -255,16 +271,20 @@ impl SmtpServer {
         }
     }
 
+    /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.acceptor.addr()
     }
+    /// The port it listens on (stable across `set_refusing`).
     pub fn port(&self) -> u16 {
         self.addr().port()
     }
 
+    /// Adds a rule after the others (the first rule that matches acts).
     pub fn add_rule(&self, rule: Rule) {
         self.shared.config().rules.push((rule, 0));
     }
+    /// Removes every rule: normal behaviour again.
     pub fn clear_rules(&self) {
         self.shared.config().rules.clear();
     }
@@ -296,21 +316,27 @@ impl SmtpServer {
         self.acceptor.set_refusing(true).await;
     }
 
+    /// A copy of everything observed so far.
     pub fn state(&self) -> SmtpState {
         self.shared.state.borrow().clone()
     }
+    /// The messages accepted so far.
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         self.shared.state.borrow().messages.clone()
     }
+    /// The command lines received so far, by session.
     pub fn commands(&self) -> Vec<(u64, String)> {
         self.shared.state.borrow().commands.clone()
     }
+    /// Sessions open now.
     pub fn open_sessions(&self) -> usize {
         self.shared.state.borrow().open_sessions
     }
+    /// The most sessions that were open at once.
     pub fn max_concurrent_sessions(&self) -> usize {
         self.shared.state.borrow().max_concurrent_sessions
     }
+    /// Sessions accepted so far.
     pub fn sessions_total(&self) -> u64 {
         self.shared.state.borrow().sessions_total
     }
@@ -575,6 +601,7 @@ impl Session {
             // Line endings are kept as sent.
             data.extend_from_slice(raw.strip_prefix(b".").unwrap_or(&raw));
         }
+        self.shared.state.send_modify(|s| s.data_ends += 1);
         let delay = self.shared.config().data_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -786,6 +813,7 @@ impl Acceptor {
         Ok(acceptor)
     }
 
+    /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -805,6 +833,7 @@ impl Acceptor {
         *lock(&self.task) = Some(task);
     }
 
+    /// true: stop listening (connections refused); false: listen on the same port again.
     pub async fn set_refusing(&self, refusing: bool) {
         if refusing {
             let task = lock(&self.task).take();

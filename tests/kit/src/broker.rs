@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 /// Every wait in a test is bounded by this unless the test says otherwise.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The test broker: `$AMQP_URL`, or the local RabbitMQ as guest.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -49,6 +50,7 @@ pub struct Names {
 }
 
 impl Names {
+    /// Names for `test`, unique across tests, processes and runs.
     pub fn unique(test: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
@@ -81,6 +83,7 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Connects (with a confirming channel) and makes the test's names; declares nothing.
     pub async fn new(test: &str) -> Self {
         let conn = connect().await;
         let channel = conn.create_channel().await.expect("channel");
@@ -106,6 +109,7 @@ impl Broker {
         self.publish_with(body, BasicProperties::default()).await;
     }
 
+    /// [`Broker::publish`] with `properties` (content type JSON added).
     pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
         let confirmation = self
             .publish_confirmed(

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, WAIT, amqp_url};
+use crate::broker::{Broker, WAIT, amqp_url};
 
 /// A configuration for tests: the test's unique names, the relay on `smtp_port` without TLS,
 /// short retry delays, classic queues (quick to create and delete; quorum has its own tests).
@@ -89,6 +89,7 @@ impl RunningWorker {
         }
     }
 
+    /// Waits until the worker's status is `phase`; panics on timeout saying where it is.
     pub async fn wait_for_phase(&self, phase: Phase, timeout: Duration) {
         let mut rx = self.handles.status.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|p| *p == phase))
@@ -150,6 +151,25 @@ pub async fn wait_events(
         }
     }
     matched
+}
+
+/// Waits for the event of the job `job_id` (of `worker.handles.events`), skipping the others;
+/// panics on timeout with the events seen meanwhile.
+pub async fn wait_for_job(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    job_id: &str,
+    timeout: Duration,
+) -> JobEvent {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(event)) if event.job_id.as_deref() == Some(job_id) => return event,
+            Ok(Ok(event)) => seen.push(event),
+            Ok(Err(e)) => panic!("event stream broke: {e}"),
+            Err(_) => panic!("job {job_id} not settled within {timeout:?}; other events: {seen:?}"),
+        }
+    }
 }
 
 /// A job as JSON, with the usual fields filled in.

@@ -1,14 +1,12 @@
 //! A generator of well-formed but hostile jobs, for the structure-aware fuzz target
-//! `build_message` (`fuzz/`, which includes this file by path) and for replaying its regression
-//! inputs as ordinary tests (`tests/fuzz_regressions.rs`).
+//! `build_message` (`fuzz/`) and for replaying its regression inputs as ordinary tests
+//! (`tests/fuzz_regressions.rs`).
 //!
 //! The fuzzer's bytes choose a [`HostileJob`] through `arbitrary`; [`HostileJob::render`] turns it
 //! into the JSON a producer would publish. Every string can hold CR, LF, NUL, quotes, comments,
 //! encoded-word look-alikes, IDNs and very long runs; recipients can number 10,000; attachments
 //! get odd names and types; the JSON itself can be nested deep, carry unknown fields, duplicate
 //! keys or invalid UTF-8. Rendering is deterministic: the same bytes give the same job.
-
-#![allow(dead_code)]
 
 use arbitrary::{Arbitrary, Unstructured};
 use base64::Engine as _;
@@ -49,6 +47,7 @@ impl Budget {
     }
 }
 
+/// A job chosen by the fuzzer's bytes: each field a hostile choice, rendered by [`HostileJob::render`].
 #[derive(Arbitrary, Debug, Clone)]
 pub struct HostileJob {
     pub limits: LimitChoice,
@@ -96,10 +95,11 @@ pub enum LimitChoice {
 }
 
 impl LimitChoice {
+    /// The limits this choice stands for.
     pub fn limits(self) -> Limits {
         match self {
             LimitChoice::Default => Limits::default(),
-            LimitChoice::Small => super::invariants::small_limits(),
+            LimitChoice::Small => crate::invariants::small_limits(),
             LimitChoice::Large => Limits {
                 max_job_bytes: 5 * 1024 * 1024,
                 max_recipients: 20_000,
@@ -116,6 +116,7 @@ impl LimitChoice {
 #[derive(Arbitrary, Debug, Clone)]
 pub struct HText(pub Vec<Piece>);
 
+/// One piece of a hostile string.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Piece {
     Word(Word),
@@ -151,6 +152,7 @@ pub enum Piece {
     Unicode(UnicodeSample),
 }
 
+/// An ordinary word, so that hostile strings also look like text.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Word {
     Ann,
@@ -180,6 +182,7 @@ impl Word {
     }
 }
 
+/// Non-ASCII text: other scripts, emoji, and the invisible or reordering characters.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum UnicodeSample {
     Latin,
@@ -205,6 +208,7 @@ impl UnicodeSample {
     }
 }
 
+/// A header line smuggled into a string after a CR/LF.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum InjectedHeader {
     Bcc,
@@ -237,6 +241,7 @@ pub struct EncodedWord {
     pub payload: Payload,
 }
 
+/// The charset named in an encoded-word look-alike.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Charset {
     Utf8,
@@ -246,6 +251,7 @@ pub enum Charset {
     Empty,
 }
 
+/// What an encoded-word look-alike decodes to.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Payload {
     /// Decodes to CRLF and a Bcc header.
@@ -260,6 +266,7 @@ pub enum Payload {
     Garbage(String),
 }
 
+/// An internationalized domain label.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Idn {
     German,
@@ -295,6 +302,7 @@ pub enum HAddr {
     Raw(HText),
 }
 
+/// The local part of an address.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Local {
     Word(Word),
@@ -304,6 +312,7 @@ pub enum Local {
     Dotted(Word, Word),
 }
 
+/// The domain of an address.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Domain {
     Example,
@@ -369,6 +378,7 @@ impl Len {
     }
 }
 
+/// The name of a header the job declares.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum HName {
     /// `X-` and a word: a plain custom header.
@@ -379,6 +389,7 @@ pub enum HName {
     Long(u32),
 }
 
+/// A header name the worker writes itself (the job may not).
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Reserved {
     From,
@@ -426,6 +437,7 @@ impl Reserved {
     }
 }
 
+/// How a reserved header name is spelt.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Case {
     AsIs,
@@ -435,6 +447,7 @@ pub enum Case {
     Padded,
 }
 
+/// An attachment with hostile name, type and content.
 #[derive(Arbitrary, Debug, Clone)]
 pub struct HAttachment {
     pub filename: Option<HFilename>,
@@ -442,6 +455,7 @@ pub struct HAttachment {
     pub content: HContent,
 }
 
+/// An attachment's file name.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum HFilename {
     Text(HText),
@@ -454,6 +468,7 @@ pub enum HFilename {
     Empty,
 }
 
+/// An attachment's content type.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum HContentType {
     Known(KnownType),
@@ -462,6 +477,7 @@ pub enum HContentType {
     Text(HText),
 }
 
+/// A common content type, written correctly.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum KnownType {
     Pdf,
@@ -485,6 +501,7 @@ impl KnownType {
     }
 }
 
+/// An attachment's content.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum HContent {
     Bytes(Vec<u8>),
@@ -511,6 +528,7 @@ pub enum Extra {
     Deep(Field, u32),
 }
 
+/// The field that holds deeply nested arrays ([`Extra::Deep`]).
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Field {
     To,

@@ -1,13 +1,9 @@
-//! The bodies of the two fuzz targets, shared by `fuzz/` (which includes this file by path) and
-//! `tests/fuzz_regressions.rs`, which replays the committed inputs through them. Each panics with
-//! the broken invariant and the job that broke it.
-//!
-//! Expects `invariants` and `hostile` as sibling modules (`super::`).
+//! The bodies of the two fuzz targets, shared by `fuzz/` and `tests/fuzz_regressions.rs`, which
+//! replays the committed inputs through them. Each panics with the broken invariant and the job
+//! that broke it.
 
-#![allow(dead_code)]
-
-use super::hostile::HostileJob;
-use super::invariants::{self, Verdict};
+use crate::hostile::HostileJob;
+use crate::invariants::{self, Verdict};
 
 /// `decode_job`: the bytes are a job body, checked with the default limits and with small ones.
 pub fn decode_job(data: &[u8]) -> [Verdict; 2] {

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 
-use super::smtp::Acceptor;
+use crate::smtp::Acceptor;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProxyStats {
@@ -25,6 +25,7 @@ struct Shared {
     stats: watch::Sender<ProxyStats>,
 }
 
+/// A TCP proxy on 127.0.0.1 in front of one target, with faults on demand.
 pub struct Proxy {
     shared: Arc<Shared>,
     acceptor: Acceptor,
@@ -56,9 +57,11 @@ impl Proxy {
         }
     }
 
+    /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.acceptor.addr()
     }
+    /// The port it listens on (stable across [`Proxy::set_refusing`]).
     pub fn port(&self) -> u16 {
         self.addr().port()
     }
@@ -86,9 +89,11 @@ impl Proxy {
         self.acceptor.set_refusing(true).await;
     }
 
+    /// Connections accepted so far.
     pub fn connections_total(&self) -> u64 {
         self.shared.stats.borrow().connections_total
     }
+    /// Connections open now.
     pub fn open_connections(&self) -> usize {
         self.shared.stats.borrow().open_connections
     }
