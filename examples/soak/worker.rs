@@ -72,14 +72,7 @@ impl Soak {
             // then stops the worker itself.
             .process_group(0)
             .kill_on_drop(true);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AMQP_MAILER")
-                || key == "NOTIFY_SOCKET"
-                || key.starts_with("WATCHDOG_")
-            {
-                command.env_remove(key);
-            }
-        }
+        testkit::process::without_worker_env(&mut command);
         command
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("AMQP_MAILER_HTTP__LISTEN", http.to_string())

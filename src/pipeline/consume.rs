@@ -192,36 +192,44 @@ impl Consumer {
         };
 
         match end {
-            SessionEnd::Shutdown => {
-                self.status
-                    .set(Phase::Draining, "finishing the jobs in flight");
-                self.metrics.broker_connected.set(0);
-                systemd::stopping("draining: finishing the jobs in flight");
-                tracing::info!("stopping: no new deliveries; finishing the jobs in flight");
-                let _ = session
-                    .channel
-                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                    .await;
-                // Deliveries already on their way when the cancel went out: hand them back.
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                while let Ok(Some(Ok(delivery))) =
-                    tokio::time::timeout(CANCEL_FLUSH, consumer.next()).await
-                {
-                    let _ = delivery.acker.nack(requeue).await;
-                }
-                // While the channel is still open, so that the jobs in flight can be acked.
-                shutdown.drain().await;
-                session.close(&ctx.publisher).await;
-                tracing::info!("stopped");
-            }
+            SessionEnd::Shutdown => self.stop(session, consumer, shutdown).await,
             SessionEnd::Lost(_) | SessionEnd::Fatal(_) => {
                 abandon.cancel();
                 session.close(&ctx.publisher).await;
             }
         }
         end
+    }
+
+    /// A stop while consuming: cancel the consumer, hand back what was already on its way,
+    /// drain while the channel can still ack, then close the session.
+    async fn stop(
+        &self,
+        session: BrokerSession,
+        mut consumer: lapin::Consumer,
+        shutdown: &Shutdown,
+    ) {
+        self.status
+            .set(Phase::Draining, "finishing the jobs in flight");
+        self.metrics.broker_connected.set(0);
+        systemd::stopping("draining: finishing the jobs in flight");
+        tracing::info!("stopping: no new deliveries; finishing the jobs in flight");
+        let _ = session
+            .channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        // Deliveries already on their way when the cancel went out: hand them back.
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(CANCEL_FLUSH, consumer.next()).await
+        {
+            let _ = delivery.acker.nack(requeue).await;
+        }
+        // While the channel is still open, so that the jobs in flight can be acked.
+        shutdown.drain().await;
+        session.close(&self.ctx.publisher).await;
+        tracing::info!("stopped");
     }
 }

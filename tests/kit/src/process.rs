@@ -77,6 +77,18 @@ pub fn worker_env(names: &Names, smtp_port: u16) -> Vec<(&'static str, String)> 
     env
 }
 
+/// Removes from a worker's environment what this process has of the worker's own settings
+/// (`AMQP_MAILER_*`) and of systemd's (`NOTIFY_SOCKET`, `WATCHDOG_*`), so that only what the
+/// caller sets reaches it.
+pub fn without_worker_env(command: &mut Command) {
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AMQP_MAILER") || key == "NOTIFY_SOCKET" || key.starts_with("WATCHDOG_")
+        {
+            command.env_remove(key);
+        }
+    }
+}
+
 /// The binary running as a child process (killed when dropped), its stderr collected.
 pub struct WorkerProcess {
     child: Child,
@@ -95,14 +107,7 @@ impl WorkerProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AMQP_MAILER")
-                || key == "NOTIFY_SOCKET"
-                || key.starts_with("WATCHDOG_")
-            {
-                command.env_remove(key);
-            }
-        }
+        without_worker_env(&mut command);
         for (key, value) in envs {
             command.env(key, value);
         }
