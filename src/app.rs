@@ -146,7 +146,6 @@ pub async fn run(
         amqp: config.amqp.clone(),
         concurrency: config.worker.concurrency,
         status,
-        metrics,
         beat_every,
     };
     let shutdown = Shutdown::new(shutdown, force, config.shutdown.grace);

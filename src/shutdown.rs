@@ -16,10 +16,10 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
-/// Where the worker is on its way out.
+/// How far the worker is on its way out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Phase {
+pub enum Progress {
     /// Taking deliveries.
     Running = 0,
     /// No new deliveries; the jobs in flight finish within `shutdown.grace`.
@@ -30,13 +30,13 @@ pub enum Phase {
     Drained = 3,
 }
 
-impl Phase {
-    fn from_u8(value: u8) -> Phase {
+impl Progress {
+    fn from_u8(value: u8) -> Progress {
         match value {
-            0 => Phase::Running,
-            1 => Phase::Draining,
-            2 => Phase::Forced,
-            _ => Phase::Drained,
+            0 => Progress::Running,
+            1 => Progress::Draining,
+            2 => Progress::Forced,
+            _ => Progress::Drained,
         }
     }
 }
@@ -54,7 +54,7 @@ pub struct Shutdown {
     /// Every job task, across broker sessions.
     jobs: TaskTracker,
     grace: Duration,
-    phase: AtomicU8,
+    progress: AtomicU8,
     drained: OnceCell<()>,
 }
 
@@ -67,7 +67,7 @@ impl Shutdown {
             abandon: CancellationToken::new(),
             jobs: TaskTracker::new(),
             grace,
-            phase: AtomicU8::new(Phase::Running as u8),
+            progress: AtomicU8::new(Progress::Running as u8),
             drained: OnceCell::new(),
         }
     }
@@ -77,12 +77,8 @@ impl Shutdown {
         self.requested.cancelled()
     }
 
-    pub fn is_requested(&self) -> bool {
-        self.requested.is_cancelled()
-    }
-
-    pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    pub fn progress(&self) -> Progress {
+        Progress::from_u8(self.progress.load(Ordering::Relaxed))
     }
 
     /// A token for the jobs of one broker session: cancelled when that session's channel is lost
@@ -99,22 +95,17 @@ impl Shutdown {
         self.jobs.spawn(job);
     }
 
-    /// Jobs still running.
-    pub fn jobs_in_flight(&self) -> usize {
-        self.jobs.len()
-    }
-
     /// Waits for the jobs in flight, at most `shutdown.grace`, or until `force`; then every job
     /// that has not started sending gives up. Runs once: a second call waits for the first.
     pub async fn drain(&self) {
         self.drained
             .get_or_init(|| async {
-                self.set_phase(Phase::Draining);
+                self.set(Progress::Draining);
                 self.jobs.close();
                 tokio::select! {
                     _ = self.jobs.wait() => {}
                     _ = tokio::time::sleep(self.grace) => {
-                        self.set_phase(Phase::Forced);
+                        self.set(Progress::Forced);
                         tracing::warn!(
                             unfinished = self.jobs.len(),
                             grace = ?self.grace,
@@ -122,7 +113,7 @@ impl Shutdown {
                         );
                     }
                     _ = self.force.cancelled() => {
-                        self.set_phase(Phase::Forced);
+                        self.set(Progress::Forced);
                         tracing::warn!(
                             unfinished = self.jobs.len(),
                             "stopping at once; unfinished jobs go back to the queue unacked"
@@ -131,15 +122,15 @@ impl Shutdown {
                 }
                 // Whatever has not started sending must not start now: it goes back to the queue.
                 self.abandon.cancel();
-                if self.phase() == Phase::Draining {
-                    self.set_phase(Phase::Drained);
+                if self.progress() == Progress::Draining {
+                    self.set(Progress::Drained);
                 }
             })
             .await;
     }
 
-    fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
+    fn set(&self, progress: Progress) {
+        self.progress.store(progress as u8, Ordering::Relaxed);
     }
 }
 
@@ -169,13 +160,12 @@ mod tests {
             });
         }
         requested.cancel();
-        assert!(s.is_requested());
         let started = tokio::time::Instant::now();
         // Two drains at once, and one after: the jobs are waited for once, by the first.
         tokio::join!(s.drain(), s.drain());
         assert_eq!(finished.load(Ordering::SeqCst), 2);
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert_eq!(s.phase(), Phase::Drained);
+        assert_eq!(s.progress(), Progress::Drained);
         let again = tokio::time::Instant::now();
         s.drain().await;
         assert_eq!(again.elapsed(), Duration::ZERO);
@@ -192,8 +182,8 @@ mod tests {
         s.drain().await;
         assert_eq!(started.elapsed(), Duration::from_secs(5));
         assert!(abandon.is_cancelled(), "a job not yet sending gives up");
-        assert_eq!(s.phase(), Phase::Forced);
-        assert_eq!(s.jobs_in_flight(), 1, "the long job was left to the broker");
+        assert_eq!(s.progress(), Progress::Forced);
+        assert_eq!(s.jobs.len(), 1, "the long job was left to the broker");
     }
 
     #[tokio::test(start_paused = true)]
@@ -205,10 +195,10 @@ mod tests {
             tokio::spawn(async move { s.drain().await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(s.phase(), Phase::Draining);
+        assert_eq!(s.progress(), Progress::Draining);
         force.cancel();
         drain.await.expect("drain ended");
-        assert_eq!(s.phase(), Phase::Forced);
+        assert_eq!(s.progress(), Progress::Forced);
         assert!(s.abandon_token().is_cancelled());
     }
 }

@@ -300,7 +300,13 @@ async fn a_stop_while_reconnecting_still_drains_the_jobs_in_flight() {
         "the stop comes while the job is still sending"
     );
     let metrics = worker.handles.metrics.clone();
+    let status = worker.handles.status.clone();
     worker.stop().await.expect("clean stop");
+    assert_eq!(
+        status.phase(),
+        Phase::Draining,
+        "readiness said it was draining, not reconnecting"
+    );
 
     let event = events
         .try_recv()

@@ -15,7 +15,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 pub use headers::{
     FailureHeaders, attempts_made, header_text, replay_properties, republish_properties, rfc3339,
 };
-pub use session::{BrokerSession, SessionError};
+pub use session::{BrokerSession, Connections, SessionError};
 pub use topology::{Topology, TopologyError, format_duration};
 
 /// Largest AMQP frame we ask for, unless the URL says otherwise (`?frame_max=`).

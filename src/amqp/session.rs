@@ -32,26 +32,41 @@ pub struct BrokerSession {
     pub events: BoxStream<'static, Event>,
 }
 
-impl BrokerSession {
-    /// Connects, declares the topology and attaches `publisher` to the publishing connection.
-    pub async fn open(
-        amqp: &AmqpConfig,
-        topology: &Topology,
-        publisher: &Publisher,
-    ) -> Result<Self, SessionError> {
+/// The two connections of a session, before anything is declared on them.
+pub struct Connections {
+    consume: Connection,
+    publish: Connection,
+}
+
+impl Connections {
+    /// Opens the consuming and the publishing connection. The only step a stop may cut short:
+    /// nothing is declared or attached yet, and a connection that did open is closed on error.
+    pub async fn open(amqp: &AmqpConfig) -> Result<Self, String> {
         let url = amqp.url.expose();
         let (name, heartbeat, timeout) =
             (&amqp.connection_name, amqp.heartbeat, amqp.connect_timeout);
-        let connections = async {
-            // Separate connections: broker flow control blocks publishers, and must not stall
-            // the acks and deliveries of the consumer.
-            let consume = connect(url, name, "consume", heartbeat, timeout).await?;
-            let publish = connect(url, name, "publish", heartbeat, timeout).await?;
-            Ok::<_, lapin::Error>((consume, publish))
-        };
-        let (consume, publish) = connections.await.map_err(|e| {
-            SessionError::Broker(format!("cannot connect to {}: {e}", redact_url(url)))
-        })?;
+        let failed = |e: lapin::Error| format!("cannot connect to {}: {e}", redact_url(url));
+        // Separate connections: broker flow control blocks publishers, and must not stall the
+        // acks and deliveries of the consumer.
+        let consume = connect(url, name, "consume", heartbeat, timeout)
+            .await
+            .map_err(failed)?;
+        match connect(url, name, "publish", heartbeat, timeout).await {
+            Ok(publish) => Ok(Self { consume, publish }),
+            Err(e) => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, consume.close(200, "bye".into())).await;
+                Err(failed(e))
+            }
+        }
+    }
+
+    /// Declares the topology and attaches `publisher` to the publishing connection.
+    pub async fn setup(
+        self,
+        topology: &Topology,
+        publisher: &Publisher,
+    ) -> Result<BrokerSession, SessionError> {
+        let Self { consume, publish } = self;
         let events = Box::pin(futures_util::stream::select(
             consume.events_listener(),
             publish.events_listener(),
@@ -66,7 +81,7 @@ impl BrokerSession {
             Ok(channel)
         };
         match setup.await {
-            Ok(channel) => Ok(Self {
+            Ok(channel) => Ok(BrokerSession {
                 consume,
                 publish,
                 channel,
@@ -78,7 +93,9 @@ impl BrokerSession {
             }
         }
     }
+}
 
+impl BrokerSession {
     /// Detaches the publisher and closes the channel and both connections.
     pub async fn close(self, publisher: &Publisher) {
         let _ = publisher.detach();

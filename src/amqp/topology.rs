@@ -11,8 +11,8 @@ use crate::policy::Schedule;
 
 /// The shortest exact rendering of a delay: `1h`, `90s`, `250ms`. It names the retry queues
 /// (`email.retry.10s`), so a change here renames queues on the broker: the names are pinned by
-/// the tests below. Log lines and the printed configuration use it too, so a delay reads the same
-/// everywhere.
+/// the tests below. The worker's log lines use it too, so a delay in a log reads as its queue
+/// is named.
 pub fn format_duration(value: Duration) -> String {
     let ms = value.as_millis();
     if ms == 0 {

@@ -22,7 +22,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// `[worker]`: concurrency, threads, largest job.
     pub worker: WorkerConfig,
-    /// `[limits]`: what one job may ask for.
+    /// `[limits]`: what one job may ask for. Its `max_job_bytes` is not read from here (the key
+    /// is `worker.max_job_bytes`): decode with [`Config::job_limits`], which fills it in.
     pub limits: Limits,
     /// `[smtp]`: the relay, or what every relay of `relays.list` starts from.
     pub smtp: SmtpConfig,
@@ -532,10 +533,7 @@ mod tests {
         let limits = config.job_limits();
         assert_eq!(limits.max_job_bytes, 2000);
         assert_eq!(limits.max_recipients, 3);
-        assert_eq!(
-            limits.max_headers,
-            crate::job::Limits::default().max_headers
-        );
+        assert_eq!(limits.max_headers, Limits::default().max_headers);
         let (_dir, path) = write_file("[limits]\nmax_job_bytes = 2000\n");
         let error = load(Some(&path), env(&[])).expect_err("a worker key");
         assert_eq!(error.key, "limits.max_job_bytes");

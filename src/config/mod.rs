@@ -22,7 +22,6 @@ mod worker;
 
 pub use amqp::{AmqpConfig, QueueType};
 /// The former path of [`duration::optional`].
-pub use duration::optional as optional_duration;
 pub use enums::ConfigEnum;
 pub use error::ConfigError;
 pub use http::HttpConfig;

@@ -27,7 +27,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             concurrency: 32,
-            max_job_bytes: crate::job::Limits::default().max_job_bytes,
+            max_job_bytes: super::Limits::default().max_job_bytes,
             threads: 1,
         }
     }

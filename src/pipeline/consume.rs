@@ -11,10 +11,9 @@ use tokio::sync::Semaphore;
 
 use super::context::JobContext;
 use super::delivery;
-use crate::amqp::{self, BrokerSession, SessionError};
+use crate::amqp::{self, BrokerSession, Connections, SessionError};
 use crate::config::AmqpConfig;
-use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Progress, Shutdown};
 use crate::status::{Phase, Status};
 use crate::systemd;
 
@@ -35,7 +34,6 @@ pub struct Consumer {
     pub amqp: AmqpConfig,
     pub concurrency: u16,
     pub status: Arc<Status>,
-    pub metrics: Arc<Metrics>,
     /// How often the loop beats for the watchdog while idle.
     pub beat_every: Duration,
 }
@@ -63,7 +61,7 @@ impl Consumer {
                 SessionEnd::Shutdown => break Ok(()),
                 SessionEnd::Fatal(error) => break Err(error),
                 SessionEnd::Lost(reason) => {
-                    self.metrics.broker_connected.set(0);
+                    self.ctx.metrics.broker_connected.set(0);
                     self.status.set(Phase::Reconnecting, reason.clone());
                     systemd::status(&format!("reconnecting to the broker: {reason}"));
                     tracing::warn!(%reason, retry_in = ?delay, "broker connection lost; reconnecting");
@@ -71,13 +69,25 @@ impl Consumer {
                         break Ok(());
                     }
                     delay = (delay * 2).min(self.amqp.reconnect_max_delay);
-                    self.metrics.broker_reconnects.inc();
+                    self.ctx.metrics.broker_reconnects.inc();
                 }
             }
         };
         // Whichever way it stopped, a stop while reconnecting included: once, and only once.
+        if shutdown.progress() == Progress::Running {
+            self.announce_stop();
+        }
         shutdown.drain().await;
         result
+    }
+
+    /// Tells readiness, systemd and the log that the worker is draining.
+    fn announce_stop(&self) {
+        self.status
+            .set(Phase::Draining, "finishing the jobs in flight");
+        self.ctx.metrics.broker_connected.set(0);
+        systemd::stopping("draining: finishing the jobs in flight");
+        tracing::info!("stopping: no new deliveries; finishing the jobs in flight");
     }
 
     /// Waits `delay`, beating; false if a stop was requested meanwhile.
@@ -103,14 +113,17 @@ impl Consumer {
         first: bool,
     ) -> SessionEnd {
         let ctx = &self.ctx;
-        let open = BrokerSession::open(&self.amqp, &ctx.topology, &ctx.publisher);
-        let mut session = tokio::select! {
-            opened = open => match opened {
-                Ok(session) => session,
-                Err(SessionError::Topology(e)) => return SessionEnd::Fatal(e),
-                Err(SessionError::Broker(reason)) => return SessionEnd::Lost(reason),
+        let connections = tokio::select! {
+            opened = Connections::open(&self.amqp) => match opened {
+                Ok(connections) => connections,
+                Err(reason) => return SessionEnd::Lost(reason),
             },
             _ = shutdown.requested() => return SessionEnd::Shutdown,
+        };
+        let mut session = match connections.setup(&ctx.topology, &ctx.publisher).await {
+            Ok(session) => session,
+            Err(SessionError::Topology(e)) => return SessionEnd::Fatal(e),
+            Err(SessionError::Broker(reason)) => return SessionEnd::Lost(reason),
         };
         // Prefetch per consumer (global = false): quorum queues refuse global QoS.
         let consumer = async {
@@ -137,7 +150,7 @@ impl Consumer {
         };
 
         *delay = FIRST_RECONNECT_DELAY;
-        self.metrics.broker_connected.set(1);
+        self.ctx.metrics.broker_connected.set(1);
         self.status.set(Phase::Consuming, "consuming");
         tracing::info!(
             queue = %ctx.topology.queue,
@@ -209,11 +222,7 @@ impl Consumer {
         mut consumer: lapin::Consumer,
         shutdown: &Shutdown,
     ) {
-        self.status
-            .set(Phase::Draining, "finishing the jobs in flight");
-        self.metrics.broker_connected.set(0);
-        systemd::stopping("draining: finishing the jobs in flight");
-        tracing::info!("stopping: no new deliveries; finishing the jobs in flight");
+        self.announce_stop();
         let _ = session
             .channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())

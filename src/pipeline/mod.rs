@@ -16,6 +16,6 @@ mod delivery;
 mod recent;
 mod settle;
 
-pub use consume::{Consumer, Fatal};
+pub use consume::Consumer;
 pub use context::{JobContext, JobEvent, JobOutcome};
 pub use recent::RecentlySettled;

@@ -312,7 +312,9 @@ fn overload(code: u16, enhanced: Option<EnhancedCode>, text: &str) -> bool {
         // trying to contact is receiving mail at a rate that prevents additional messages".
         // Microsoft 365: "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded" and
         // "452 4.5.3 Too many recipients". RFC 3463: X.3.2 system not accepting network
-        // messages, X.4.5 mail system congestion, X.5.3 too many recipients.
+        // messages, X.4.5 mail system congestion, X.5.3 too many recipients. X.2.1 is
+        // "mailbox disabled" in RFC 3463; Gmail answers its per-recipient rate with it, and a
+        // disabled mailbox that is only deferred (4xx, not 5xx) is waited out the same way.
         Some((7, 28) | (2, 1) | (3, 2) | (4, 5) | (5, 3)) => true,
         // RFC 3463: a mailbox that is full (X.2.2), a system out of storage (X.3.1), or an
         // address problem (X.1.x) is not a rate, whatever the text says ("Mailbox size limit

@@ -22,7 +22,6 @@ mod relay;
 mod relay_set;
 mod transaction;
 
-pub use crate::config::RelayLimits;
 pub use connect::TlsSetupError;
 pub use error::{Abandoned, EnhancedCode, JobMeaning, SendError, Stage, Verdict};
 pub use relay::Relay;
