@@ -476,3 +476,40 @@ async fn dead_letters_kind_help_names_every_kind() {
         assert!(kind.contains("broker:"), "{command}: {kind}");
     }
 }
+
+/// The tools take the worker's broker list: `publish` reaches the first broker that answers, and
+/// `config` prints every URL of the list with its password redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_use_the_broker_list_and_never_print_its_passwords() {
+    let broker = Broker::new("cli-list").await;
+    declare(&broker).await;
+    let nowhere = format!("amqp://guest:nopass1@127.0.0.1:{}/%2f", free_port());
+    let list = format!("{nowhere},{}", testkit::broker::amqp_url());
+    let mut env = broker_env(&broker.names);
+    env.retain(|(k, _)| *k != "AMQP_MAILER_AMQP__URL");
+    env.push(("AMQP_MAILER_AMQP__URL", list));
+    let (status, stdout, stderr) = run_to_end(
+        &[
+            "publish",
+            "--to",
+            "ann@example.com",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+        ],
+        &env,
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(broker.ready_count(&broker.names.queue).await, 1, "{stdout}");
+
+    let (status, printed, _) = run_to_end(&["config"], &env).await;
+    assert!(status.success());
+    assert!(!printed.contains("nopass1"), "{printed}");
+    assert!(
+        printed.contains("amqp://guest:***@127.0.0.1:5672/%2f"),
+        "both URLs, redacted: {printed}"
+    );
+    assert_eq!(printed.matches(":***@").count(), 2, "{printed}");
+}

@@ -192,7 +192,7 @@ async fn broker_connection_cut_mid_stream_resumes_within_seconds_and_delivers_al
     let broker = Broker::new("cut").await;
     let proxy = Proxy::start(broker_addr());
     let mut config = test_config(&broker, smtp.port());
-    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy));
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
     config.worker.concurrency = 8;
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
     config.http.listen = Some(http);
@@ -259,6 +259,54 @@ async fn broker_connection_cut_mid_stream_resumes_within_seconds_and_delivers_al
     );
 }
 
+/// `amqp.url` as a list: the worker connects to the first broker that answers (here the second:
+/// nothing listens on the first), and when that node is lost it moves on to the next one and
+/// consumes again within seconds. Each "node" is a proxy to the test broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_list_moves_on_to_the_next_node_when_its_node_is_lost() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("brokerlist").await;
+    let nowhere = amqp_url().replace(":5672", &format!(":{}", free_port()));
+    let (a, b) = (Proxy::start(broker_addr()), Proxy::start(broker_addr()));
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::BrokerUrls::new(
+        [nowhere, url_via(&a), url_via(&b)].map(amqp_mailer::config::Secret::new),
+    );
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    assert_eq!(
+        (a.open_connections(), b.open_connections()),
+        (2, 0),
+        "both connections to the first broker that answers"
+    );
+    broker
+        .publish(job("list-1", "ann@example.com").as_bytes())
+        .await;
+    wait_events(&mut events, 1, WAIT, |e| e.outcome == JobOutcome::Delivered).await;
+
+    a.set_refusing(true).await;
+    a.cut_all();
+    let lost = Instant::now();
+    assert!(
+        b.wait_until(WAIT, |s| s.open_connections >= 2).await,
+        "moved on to the next node"
+    );
+    worker.wait_for_phase(Phase::Consuming, WAIT).await;
+    assert!(
+        lost.elapsed() < Duration::from_secs(5),
+        "consuming again after {:?}",
+        lost.elapsed()
+    );
+    broker
+        .publish(job("list-2", "bob@example.com").as_bytes())
+        .await;
+    let second = wait_events(&mut events, 1, WAIT, |_| true).await;
+    assert_eq!(second[0].job_id.as_deref(), Some("list-2"));
+    assert_eq!(second[0].outcome, JobOutcome::Delivered);
+    worker.stop().await.expect("clean stop");
+    assert_eq!(smtp.messages().len(), 2);
+}
+
 /// A stop that comes while the worker is reconnecting (its connect hanging on a broker that
 /// accepts and never answers) still waits for the jobs in flight: `run` returns only once the
 /// job that was sending has finished, not while it still runs against a closed SMTP pool.
@@ -271,7 +319,7 @@ async fn a_stop_while_reconnecting_still_drains_the_jobs_in_flight() {
     let broker = Broker::new("stopreconnect").await;
     let proxy = Proxy::start(broker_addr());
     let mut config = test_config(&broker, smtp.port());
-    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy));
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
     // The reconnect hangs until the stop rather than failing first.
     config.amqp.connect_timeout = Duration::from_secs(60);
     config.shutdown.grace = Duration::from_secs(15);
@@ -329,7 +377,7 @@ async fn broker_blackholed_is_detected_by_heartbeat_and_consumption_resumes() {
     let broker = Broker::new("blackhole").await;
     let proxy = Proxy::start(broker_addr());
     let mut config = test_config(&broker, smtp.port());
-    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy));
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
     config.amqp.heartbeat = Duration::from_secs(1);
     config.amqp.connect_timeout = Duration::from_secs(2);
     let worker = RunningWorker::start(&broker, config).await;

@@ -12,6 +12,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::LongString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
+use crate::config::{BrokerUrls, redact_url};
+
 pub use headers::{
     FailureHeaders, attempts_made, header_text, replay_properties, republish_properties, rfc3339,
 };
@@ -52,6 +54,29 @@ pub async fn connect(
             format!("no connection within {timeout:?}"),
         ))),
     }
+}
+
+/// Connects to the first broker of `urls` that answers, starting at `start` and going round the
+/// list once. Returns the connection and the index of its broker. The error names every broker
+/// tried, passwords redacted.
+pub async fn connect_first(
+    urls: &BrokerUrls,
+    start: usize,
+    name: &str,
+    role: &str,
+    heartbeat: Duration,
+    timeout: Duration,
+) -> Result<(Connection, usize), String> {
+    let mut failures = Vec::new();
+    for offset in 0..urls.len() {
+        let index = (start + offset) % urls.len();
+        let Some(url) = urls.get(index) else { break };
+        match connect(url, name, role, heartbeat, timeout).await {
+            Ok(connection) => return Ok((connection, index)),
+            Err(e) => failures.push(format!("cannot connect to {}: {e}", redact_url(url))),
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// Why a publish did not make it.

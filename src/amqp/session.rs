@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use lapin::{Channel, Connection, Event};
 
-use super::{Publisher, Topology, TopologyError, connect};
+use super::{Publisher, Topology, TopologyError, connect, connect_first};
 use crate::config::{AmqpConfig, redact_url};
 
 /// How long closing a session may take: a broker that does not answer must not hold up a
@@ -39,23 +39,23 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Opens the consuming and the publishing connection. The only step a stop may cut short:
-    /// nothing is declared or attached yet, and a connection that did open is closed on error.
-    pub async fn open(amqp: &AmqpConfig) -> Result<Self, String> {
-        let url = amqp.url.expose();
+    /// Opens the consuming and the publishing connection, both to the first broker of
+    /// `amqp.url` that answers, from `start` on round the list; returns the broker's index too.
+    /// The only step a stop may cut short: nothing is declared or attached yet, and a connection
+    /// that did open is closed on error.
+    pub async fn open(amqp: &AmqpConfig, start: usize) -> Result<(Self, usize), String> {
         let (name, heartbeat, timeout) =
             (&amqp.connection_name, amqp.heartbeat, amqp.connect_timeout);
-        let failed = |e: lapin::Error| format!("cannot connect to {}: {e}", redact_url(url));
-        // Separate connections: broker flow control blocks publishers, and must not stall the
-        // acks and deliveries of the consumer.
-        let consume = connect(url, name, "consume", heartbeat, timeout)
-            .await
-            .map_err(failed)?;
+        let (consume, index) =
+            connect_first(&amqp.url, start, name, "consume", heartbeat, timeout).await?;
+        let url = amqp.url.get(index).unwrap_or_default();
+        // Separate connections, to the same node: broker flow control blocks publishers, and
+        // must not stall the acks and deliveries of the consumer.
         match connect(url, name, "publish", heartbeat, timeout).await {
-            Ok(publish) => Ok(Self { consume, publish }),
+            Ok(publish) => Ok((Self { consume, publish }, index)),
             Err(e) => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, consume.close(200, "bye".into())).await;
-                Err(failed(e))
+                Err(format!("cannot connect to {}: {e}", redact_url(url)))
             }
         }
     }

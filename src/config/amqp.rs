@@ -20,13 +20,99 @@ pub enum QueueType {
 }
 by_name!(QueueType);
 
+/// The brokers to connect to, in order: one URL, or one per node of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<Secret>);
+
+impl BrokerUrls {
+    /// The brokers, in the order they are tried.
+    pub fn new(urls: impl IntoIterator<Item = Secret>) -> Self {
+        Self(urls.into_iter().collect())
+    }
+
+    /// The URLs, in order, with their passwords: only for connecting.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(Secret::expose)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The URL at `index`, counted round the list.
+    pub fn get(&self, index: usize) -> Option<&str> {
+        let n = self.0.len();
+        (n > 0).then(|| self.0[index % n].expose())
+    }
+
+    /// Splits a list written as one string. A comma separates two URLs only where the next one
+    /// begins with its scheme, so that a comma inside a password is kept.
+    fn split(text: &str) -> Vec<Secret> {
+        let mut urls = Vec::new();
+        let mut current = String::new();
+        for part in text.split(',') {
+            let trimmed = part.trim_start();
+            if !current.is_empty()
+                && (trimmed.starts_with("amqp://") || trimmed.starts_with("amqps://"))
+            {
+                urls.push(Secret::new(current.trim()));
+                current = String::new();
+            } else if !current.is_empty() {
+                current.push(',');
+            }
+            current.push_str(part);
+        }
+        if !current.trim().is_empty() {
+            urls.push(Secret::new(current.trim()));
+        }
+        urls
+    }
+}
+
+impl From<Secret> for BrokerUrls {
+    fn from(url: Secret) -> Self {
+        Self(vec![url])
+    }
+}
+
+impl Serialize for BrokerUrls {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(serializer),
+            many => many.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            One(String),
+            List(Vec<String>),
+        }
+        Ok(match Written::deserialize(deserializer)? {
+            Written::One(text) => Self(Self::split(&text)),
+            Written::List(list) => Self(list.iter().flat_map(|text| Self::split(text)).collect()),
+        })
+    }
+}
+
 /// `[amqp]`: the broker connection and the topology's names.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
-    /// Broker URL, `amqp://user:password@host:5672/vhost` (or `amqps://`). The password is redacted
-    /// wherever the configuration is printed. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
-    pub url: Secret,
+    /// Broker URL, `amqp://user:password@host:5672/vhost` (or `amqps://`), or a list of them, one
+    /// per node of a cluster: a TOML array, or in the environment a comma-separated list. The
+    /// worker connects to the first node that answers, and moves on to the next when its node is
+    /// lost. Passwords are redacted wherever the configuration is printed. Default
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: BrokerUrls,
     /// Exchange producers publish to (direct, durable). Default `email`.
     pub exchange: String,
     /// Work queue consumed by the worker. Default `email.send`.
@@ -45,7 +131,10 @@ pub struct AmqpConfig {
     /// Name shown for the worker's connections in the management UI and `rabbitmqctl`.
     /// Default `amqp-mailer`; the role (`consume`, `publish`) is appended.
     pub connection_name: String,
-    /// Longest wait between two reconnection attempts after the broker is lost. Default `30s`.
+    /// Longest wait between two rounds of reconnection attempts after the broker is lost; each
+    /// wait is drawn at random between half of it and all of it, so that many instances do not
+    /// reconnect in step. Default `2s`: a node that answers again is consumed from within
+    /// seconds, whatever the length of the outage.
     #[serde(with = "duration")]
     pub reconnect_max_delay: Duration,
     /// AMQP heartbeat: a broker silent for twice this is taken as lost (a cut that TCP does not
@@ -60,7 +149,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f").into(),
             exchange: "email".into(),
             queue: "email.send".into(),
             routing_key: "email.send".into(),
@@ -69,7 +158,7 @@ impl Default for AmqpConfig {
             queue_type: QueueType::Quorum,
             publish_timeout: Duration::from_secs(10),
             connection_name: "amqp-mailer".into(),
-            reconnect_max_delay: Duration::from_secs(30),
+            reconnect_max_delay: Duration::from_secs(2),
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
         }
@@ -79,13 +168,22 @@ impl Default for AmqpConfig {
 impl AmqpConfig {
     /// Checks the URL, the names and the timeouts of `[amqp]`.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.url.expose();
-        lapin::uri::AMQPUri::from_str(url).map_err(|e| {
-            ConfigError::new(
-                "amqp.url",
-                format!("`{}` is not an AMQP URL: {e}", redact_url(url)),
-            )
-        })?;
+        if self.url.0.is_empty() {
+            return Err(ConfigError::new("amqp.url", "names no broker"));
+        }
+        for (i, url) in self.url.iter().enumerate() {
+            let key = if self.url.0.len() == 1 {
+                "amqp.url".to_string()
+            } else {
+                format!("amqp.url[{i}]")
+            };
+            lapin::uri::AMQPUri::from_str(url).map_err(|e| {
+                ConfigError::new(
+                    key,
+                    format!("`{}` is not an AMQP URL: {e}", redact_url(url)),
+                )
+            })?;
+        }
         for (key, name) in [
             ("amqp.queue", &self.queue),
             ("amqp.dead_letter_queue", &self.dead_letter_queue),
@@ -145,7 +243,7 @@ mod tests {
         assert!(AmqpConfig::default().validate().is_ok());
         type Break = fn(&mut AmqpConfig);
         let cases: [(Break, &str); 5] = [
-            (|c| c.url = Secret::new("http://x"), "amqp.url"),
+            (|c| c.url = Secret::new("http://x").into(), "amqp.url"),
             (|c| c.queue = String::new(), "amqp.queue"),
             (
                 |c| c.dead_letter_queue = c.queue.clone(),
@@ -170,7 +268,7 @@ mod tests {
     #[test]
     fn a_bad_url_is_shown_redacted() {
         let config = AmqpConfig {
-            url: Secret::new("http://u:hunter2@x"),
+            url: Secret::new("http://u:hunter2@x").into(),
             ..AmqpConfig::default()
         };
         let error = config.validate().expect_err("not amqp");

@@ -342,6 +342,59 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_list_from_the_environment_or_a_file_every_password_redacted() {
+        let from_env = load(
+            None,
+            env(&[(
+                "AMQP_MAILER_AMQP__URL",
+                "amqp://a:pw1@n1:5672/%2f, amqp://b:p,w2@n2:5672/%2f,amqps://c:pw3@n3:5671/%2f",
+            )]),
+        )
+        .expect("a comma-separated list");
+        let urls: Vec<&str> = from_env.amqp.url.iter().collect();
+        assert_eq!(
+            urls,
+            [
+                "amqp://a:pw1@n1:5672/%2f",
+                "amqp://b:p,w2@n2:5672/%2f",
+                "amqps://c:pw3@n3:5671/%2f"
+            ],
+            "a comma inside a password stays in it"
+        );
+        let printed = from_env.to_redacted_toml();
+        for secret in ["pw1", "p,w2", "pw3"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("amqp://b:***@n2:5672/%2f"), "{printed}");
+        assert!(!format!("{from_env:?}").contains("pw1"));
+
+        let (_dir, path) = write_file(
+            "[amqp]\nurl = [\"amqp://a:pw1@n1:5672/%2f\", \"amqp://b:pw2@n2:5672/%2f\"]\n",
+        );
+        let from_file = load(Some(&path), Vec::new()).expect("a TOML array");
+        assert_eq!(from_file.amqp.url.len(), 2);
+        let printed = from_file.to_redacted_toml();
+        assert!(
+            !printed.contains("pw1") && !printed.contains("pw2"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn a_bad_broker_in_the_list_is_named_by_its_index() {
+        let error = load(
+            None,
+            env(&[(
+                "AMQP_MAILER_AMQP__URL",
+                "amqp://a:pw1@n1:5672/%2f,amqp://b:secret@n2:notaport/%2f",
+            )]),
+        )
+        .expect_err("the second is bad");
+        assert_eq!(error.key, "amqp.url[1]");
+        assert!(!error.to_string().contains("secret"), "{error}");
+    }
+
+    #[test]
     fn a_key_is_named_once() {
         let error = load(None, env(&[("AMQP_MAILER_SMTP__TIMEOUT", "30")])).expect_err("no unit");
         assert_eq!(error.key, "smtp.timeout");

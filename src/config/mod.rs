@@ -20,7 +20,7 @@ mod shutdown;
 mod smtp;
 mod worker;
 
-pub use amqp::{AmqpConfig, QueueType};
+pub use amqp::{AmqpConfig, BrokerUrls, QueueType};
 /// The former path of [`duration::optional`].
 pub use enums::ConfigEnum;
 pub use error::ConfigError;

@@ -2,7 +2,7 @@
 //! in each the consume loop: qos, consume, a permit per job, a task per delivery.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -13,12 +13,85 @@ use super::context::JobContext;
 use super::delivery;
 use crate::amqp::{self, BrokerSession, Connections, SessionError};
 use crate::config::AmqpConfig;
+use crate::config::redact_url;
 use crate::shutdown::{Progress, Shutdown};
 use crate::status::{Phase, Status};
 use crate::systemd;
 
 /// The first pause after a lost broker connection; it doubles up to `amqp.reconnect_max_delay`.
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
+
+/// Where reconnecting stands: the back-off, the node to try first, and the outage so far.
+struct Reconnect {
+    delay: Duration,
+    max: Duration,
+    /// The index in `amqp.url` of the node to try first.
+    node: usize,
+    /// Since when nothing is consumed, and how many attempts failed; `None` while consuming.
+    outage: Option<(Instant, u32)>,
+    consumed_before: bool,
+}
+
+impl Reconnect {
+    fn new(max: Duration) -> Self {
+        Self {
+            delay: FIRST_RECONNECT_DELAY,
+            max,
+            node: 0,
+            outage: None,
+            consumed_before: false,
+        }
+    }
+
+    /// A session ended or could not start: says so once per outage, moves on from a node that
+    /// was lost, and returns the pause before the next round. The pause is drawn between half
+    /// the back-off and all of it, so that many instances do not reconnect in step.
+    fn lost(&mut self, reason: &str, nodes: usize) -> Duration {
+        match &mut self.outage {
+            None => {
+                tracing::warn!(%reason, "broker connection lost; reconnecting");
+                self.outage = Some((Instant::now(), 1));
+                // The node that was lost is tried last; a failed round starts where it started.
+                if self.consumed_before && nodes > 1 {
+                    self.node = (self.node + 1) % nodes;
+                }
+            }
+            Some((_, attempts)) => {
+                *attempts += 1;
+                tracing::debug!(%reason, attempts = *attempts, "still no broker");
+            }
+        }
+        let pause = jittered(self.delay);
+        self.delay = (self.delay * 2).min(self.max);
+        pause
+    }
+
+    /// A session consumes again, from node `node`.
+    fn consuming(&mut self, node: usize, broker: &str, queue: &str, concurrency: u16) {
+        match self.outage.take() {
+            Some((since, attempts)) => tracing::info!(
+                broker,
+                queue,
+                concurrency,
+                outage = ?since.elapsed(),
+                attempts,
+                "reconnected; consuming again"
+            ),
+            None if self.consumed_before => {
+                tracing::info!(broker, queue, concurrency, "reconnected; consuming again")
+            }
+            None => tracing::info!(broker, queue, concurrency, "consuming"),
+        }
+        self.node = node;
+        self.delay = FIRST_RECONNECT_DELAY;
+        self.consumed_before = true;
+    }
+}
+
+/// A pause drawn uniformly between half of `delay` and all of it.
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
 
 /// How long deliveries already on their way when the consumer was cancelled are waited for,
 /// to hand them straight back.
@@ -52,23 +125,19 @@ impl Consumer {
         // At most `concurrency` jobs at once, even while the deliveries of a lost connection
         // finish: the permits outlive the sessions.
         let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
-        let mut delay = FIRST_RECONNECT_DELAY;
-        let mut first = true;
+        let mut reconnect = Reconnect::new(self.amqp.reconnect_max_delay);
         let result = loop {
-            let end = self.session(shutdown, &permits, &mut delay, first).await;
-            first = false;
-            match end {
+            match self.session(shutdown, &permits, &mut reconnect).await {
                 SessionEnd::Shutdown => break Ok(()),
                 SessionEnd::Fatal(error) => break Err(error),
                 SessionEnd::Lost(reason) => {
                     self.ctx.metrics.broker_connected.set(0);
                     self.status.set(Phase::Reconnecting, reason.clone());
                     systemd::status(&format!("reconnecting to the broker: {reason}"));
-                    tracing::warn!(%reason, retry_in = ?delay, "broker connection lost; reconnecting");
-                    if !self.pause(delay, shutdown).await {
+                    let pause = reconnect.lost(&reason, self.amqp.url.len());
+                    if !self.pause(pause, shutdown).await {
                         break Ok(());
                     }
-                    delay = (delay * 2).min(self.amqp.reconnect_max_delay);
                     self.ctx.metrics.broker_reconnects.inc();
                 }
             }
@@ -109,13 +178,12 @@ impl Consumer {
         &self,
         shutdown: &Shutdown,
         permits: &Arc<Semaphore>,
-        delay: &mut Duration,
-        first: bool,
+        reconnect: &mut Reconnect,
     ) -> SessionEnd {
         let ctx = &self.ctx;
-        let connections = tokio::select! {
-            opened = Connections::open(&self.amqp) => match opened {
-                Ok(connections) => connections,
+        let (connections, node) = tokio::select! {
+            opened = Connections::open(&self.amqp, reconnect.node) => match opened {
+                Ok(opened) => opened,
                 Err(reason) => return SessionEnd::Lost(reason),
             },
             _ = shutdown.requested() => return SessionEnd::Shutdown,
@@ -149,14 +217,10 @@ impl Consumer {
             }
         };
 
-        *delay = FIRST_RECONNECT_DELAY;
         self.ctx.metrics.broker_connected.set(1);
         self.status.set(Phase::Consuming, "consuming");
-        tracing::info!(
-            queue = %ctx.topology.queue,
-            concurrency = self.concurrency,
-            "{}", if first { "consuming" } else { "reconnected; consuming again" }
-        );
+        let broker = self.amqp.url.get(node).map(redact_url).unwrap_or_default();
+        reconnect.consuming(node, &broker, &ctx.topology.queue, self.concurrency);
         systemd::ready(&format!(
             "consuming {} with concurrency {}",
             ctx.topology.queue, self.concurrency
@@ -240,5 +304,44 @@ impl Consumer {
         shutdown.drain().await;
         session.close(&self.ctx.publisher).await;
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_to_its_cap_with_jitter_and_moves_on_from_a_lost_node() {
+        let mut r = Reconnect::new(Duration::from_secs(2));
+        r.consuming(0, "node 0", "q", 1);
+        let mut caps = Vec::new();
+        for _ in 0..6 {
+            let cap = r.delay;
+            let pause = r.lost("cut", 3);
+            assert!(
+                pause >= cap / 2 && pause <= cap,
+                "{pause:?} within [{cap:?}/2, {cap:?}]"
+            );
+            caps.push(cap.as_millis());
+        }
+        assert_eq!(caps, [200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(r.node, 1, "the lost node is tried last, once per outage");
+        r.consuming(1, "node 1", "q", 1);
+        assert_eq!((r.delay, r.outage), (FIRST_RECONNECT_DELAY, None));
+        r.lost("cut", 3);
+        assert_eq!(r.node, 2);
+        r.consuming(2, "node 2", "q", 1);
+        r.lost("cut", 3);
+        assert_eq!(r.node, 0, "round the list");
+    }
+
+    #[test]
+    fn a_first_connection_that_fails_does_not_skip_a_node() {
+        let mut r = Reconnect::new(Duration::from_secs(2));
+        r.lost("refused", 3);
+        r.lost("refused", 3);
+        assert_eq!(r.node, 0);
+        assert_eq!(r.outage.map(|(_, n)| n), Some(2));
     }
 }

@@ -377,14 +377,16 @@ pub async fn replay(
 }
 
 async fn connect(config: &Config, role: &str) -> Result<Connection, ToolError> {
-    amqp::connect(
-        config.amqp.url.expose(),
+    amqp::connect_first(
+        &config.amqp.url,
+        0,
         &config.amqp.connection_name,
         role,
         config.amqp.heartbeat,
         config.amqp.connect_timeout,
     )
     .await
+    .map(|(connection, _)| connection)
     .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
 }
 

@@ -193,11 +193,7 @@ impl WorkerProcess {
 pub async fn run_to_end(args: &[&str], envs: &[(&str, String)]) -> (ExitStatus, String, String) {
     let mut command = Command::new(binary());
     command.args(args).stdin(Stdio::null()).kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AMQP_MAILER") {
-            command.env_remove(key);
-        }
-    }
+    without_worker_env(&mut command);
     for (key, value) in envs {
         command.env(key, value);
     }

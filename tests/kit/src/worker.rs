@@ -19,7 +19,7 @@ use crate::broker::{Broker, WAIT, amqp_url};
 pub fn test_config(broker: &Broker, smtp_port: u16) -> Config {
     let mut config = config::load(None, Vec::new()).expect("defaults are valid");
     let names = &broker.names;
-    config.amqp.url = config::Secret::new(amqp_url());
+    config.amqp.url = config::Secret::new(amqp_url()).into();
     config.amqp.exchange = names.exchange.clone();
     config.amqp.queue = names.queue.clone();
     config.amqp.routing_key = names.routing_key.clone();
