@@ -54,13 +54,19 @@ pub async fn run(
     meta: &DeliveryMeta,
     abandon: &CancellationToken,
 ) -> (Option<String>, Attempt) {
-    let job = match job::decode(body, &ctx.limits) {
+    let job = job::decode(body, &ctx.limits);
+    let id = job.as_ref().ok().and_then(|job| job.id.as_deref());
+    Span::current().record("job_id", id.or(meta.message_id.as_deref()).unwrap_or("-"));
+    if meta.redelivered {
+        // Its earlier handling (elsewhere, or before a restart) may have reached the relay; the
+        // stable Message-ID lets receivers drop the copy.
+        ctx.metrics.jobs_redelivered.inc();
+        tracing::info!("redelivered by the broker: it may have been sent before");
+    }
+    let job = match job {
         Ok(job) => job,
         Err(invalid) => return (None, Attempt::failed(Failure::Invalid, invalid)),
     };
-    if let Some(id) = &job.id {
-        Span::current().record("job_id", id.as_str());
-    }
     let attempt = send(ctx, &job, body, meta, abandon).await;
     (job.id, attempt)
 }

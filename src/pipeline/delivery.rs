@@ -59,9 +59,11 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
     ctx.metrics.jobs_received.inc();
     ctx.metrics.jobs_in_flight.inc();
     let meta = DeliveryMeta::read(&delivery);
+    // `job_id` is recorded once, when it is known: the job's own id from its body, else the
+    // AMQP message id (recording a field twice would print it twice).
     let span = tracing::info_span!(
         "job",
-        job_id = meta.message_id.as_deref().unwrap_or("-"),
+        job_id = field::Empty,
         attempt = meta.attempts_before + 1,
         outcome = field::Empty,
     );
@@ -71,14 +73,9 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
         let settlement = if meta.redelivered && ctx.settled.contains(key) {
             // We handled this very delivery and its ack was lost with the connection: sending
             // it again would only make a duplicate.
+            Span::current().record("job_id", meta.message_id.as_deref().unwrap_or("-"));
             Settlement::AlreadyHandled
         } else {
-            if meta.redelivered {
-                // Its earlier handling (elsewhere, or before a restart) may have reached the
-                // relay; the stable Message-ID lets receivers drop the copy.
-                ctx.metrics.jobs_redelivered.inc();
-                tracing::info!("redelivered by the broker: it may have been sent before");
-            }
             // Boxed: the send's state machine is kilobytes, and a task's future is copied
             // several times when spawned; this way the task keeps only a pointer.
             let attempt = Box::pin(attempt::run(&ctx, &delivery.data, &meta, &abandon));
