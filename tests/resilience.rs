@@ -307,6 +307,56 @@ async fn a_broker_list_moves_on_to_the_next_node_when_its_node_is_lost() {
     assert_eq!(smtp.messages().len(), 2);
 }
 
+/// The connection is lost while a job's message is with the relay (sent whole, verdict not yet
+/// given), and the worker reconnects at once: the broker redelivers the job while its first copy
+/// is still being sent. The redelivery waits for that copy's outcome and is acked without
+/// sending: the relay gets the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_during_the_first_copys_send_waits_for_it_instead_of_sending_again() {
+    let smtp = SmtpServer::start();
+    smtp.set_data_delay(Duration::from_secs(3));
+    let broker = Broker::new("redeliverwait").await;
+    let proxy = Proxy::start(broker_addr());
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
+    config.smtp.timeout = Duration::from_secs(20);
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    broker
+        .publish(job("twice-1", "ann@example.com").as_bytes())
+        .await;
+    smtp.wait_for(WAIT, "the job's message, whole", |s| s.data_ends >= 1)
+        .await;
+    let before = proxy.connections_total();
+    proxy.cut_all();
+    // Reconnected (two new connections) while the first copy still waits for its verdict.
+    assert!(
+        proxy
+            .wait_until(WAIT, |s| s.connections_total >= before + 2)
+            .await,
+        "reconnected"
+    );
+    let outcomes = wait_events(&mut events, 2, WAIT, |_| true).await;
+    let mut outcomes: Vec<JobOutcome> = outcomes.into_iter().map(|e| e.outcome).collect();
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        [JobOutcome::AlreadyHandled, JobOutcome::Delivered],
+        "the first copy delivered, the redelivery acked without sending"
+    );
+    let metrics = worker.handles.metrics.clone();
+    worker.stop().await.expect("clean stop");
+    assert_eq!(smtp.messages().len(), 1, "the relay got it once");
+    assert_eq!(smtp.state().data_ends, 1, "and was sent it once");
+    let text = metrics.encode();
+    assert_eq!(
+        metric(&text, "amqp_mailer_duplicates_avoided_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
+}
+
 /// A stop that comes while the worker is reconnecting (its connect hanging on a broker that
 /// accepts and never answers) still waits for the jobs in flight: `run` returns only once the
 /// job that was sending has finished, not while it still runs against a closed SMTP pool.

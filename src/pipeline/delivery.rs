@@ -69,8 +69,19 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
     );
     async {
         let key = settle_key(&delivery.data, meta.attempts_before);
+        let handling = ctx.settled.begin(key);
         let mut job_id = meta.message_id.clone();
-        let settlement = if meta.redelivered && ctx.settled.contains(key) {
+        // A redelivery that arrives while its first copy is still being sent here (the
+        // connection was lost under it) waits for that copy's outcome instead of sending again.
+        let abandoned = meta.redelivered
+            && tokio::select! {
+                _ = ctx.settled.wait_for_others(key) => false,
+                _ = abandon.cancelled() => true,
+            };
+        let settlement = if abandoned {
+            Span::current().record("job_id", meta.message_id.as_deref().unwrap_or("-"));
+            Settlement::Abandon
+        } else if meta.redelivered && ctx.settled.contains(key) {
             // We handled this very delivery and its ack was lost with the connection: sending
             // it again would only make a duplicate.
             Span::current().record("job_id", meta.message_id.as_deref().unwrap_or("-"));
@@ -96,6 +107,8 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
         if outcome.is_settled() {
             ctx.settled.insert(key);
         }
+        // After the settlement is recorded, so that a redelivery waiting for it sees it.
+        drop(handling);
         Span::current().record("outcome", outcome.name());
         // The job is done before anyone hears of it: a listener that reads the gauge after the
         // event must not count this job in flight.
