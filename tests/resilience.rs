@@ -300,11 +300,15 @@ async fn a_broker_list_moves_on_to_the_next_node_when_its_node_is_lost() {
     broker
         .publish(job("list-2", "bob@example.com").as_bytes())
         .await;
-    let second = wait_events(&mut events, 1, WAIT, |_| true).await;
-    assert_eq!(second[0].job_id.as_deref(), Some("list-2"));
+    // (The first job's ack may have been cut with the connection: its redelivery is then
+    // acked without being sent, an event without the job's id.)
+    let second = wait_events(&mut events, 1, WAIT, |e| {
+        e.job_id.as_deref() == Some("list-2")
+    })
+    .await;
     assert_eq!(second[0].outcome, JobOutcome::Delivered);
     worker.stop().await.expect("clean stop");
-    assert_eq!(smtp.messages().len(), 2);
+    assert_eq!(smtp.messages().len(), 2, "each job sent once");
 }
 
 /// The connection is lost while a job's message is with the relay (sent whole, verdict not yet

@@ -106,6 +106,16 @@ impl BrokerSession {
         .await;
         close(&self.consume, &self.publish).await;
     }
+
+    /// After the session was lost: detaches the publisher at once and closes what is left in the
+    /// background, so that a dead connection's close (up to its timeout) never delays the next
+    /// session.
+    pub fn abandon(self, publisher: &Publisher) {
+        let _ = publisher.detach();
+        tokio::spawn(async move {
+            close(&self.consume, &self.publish).await;
+        });
+    }
 }
 
 fn broker(error: lapin::Error) -> SessionError {

@@ -272,7 +272,7 @@ impl Consumer {
             SessionEnd::Shutdown => self.stop(session, consumer, shutdown).await,
             SessionEnd::Lost(_) | SessionEnd::Fatal(_) => {
                 abandon.cancel();
-                session.close(&ctx.publisher).await;
+                session.abandon(&ctx.publisher);
             }
         }
         end
