@@ -22,11 +22,15 @@ pub fn amqp_url() -> String {
 
 /// Connects to the test broker, or fails the test saying what to start.
 pub async fn connect() -> Connection {
-    let url = amqp_url();
+    connect_to(&amqp_url()).await
+}
+
+/// Connects to the broker at `url`, or fails the test saying what to start.
+pub async fn connect_to(url: &str) -> Connection {
     let mut last = None;
     // A broker that is starting accepts connections a moment later: a few tries, then fail.
     for _ in 0..10 {
-        match Connection::connect(&url, ConnectionProperties::default()).await {
+        match Connection::connect(url, ConnectionProperties::default()).await {
             Ok(conn) => return conn,
             Err(e) => last = Some(e),
         }
@@ -80,12 +84,21 @@ pub struct Broker {
     pub channel: Channel,
     /// Retry queue names to delete at the end (filled by the test from its schedule).
     extra_queues: std::sync::Mutex<Vec<String>>,
+    /// Where the queues are deleted from at the end: the first of these that answers.
+    cleanup_urls: Vec<String>,
 }
 
 impl Broker {
     /// Connects (with a confirming channel) and makes the test's names; declares nothing.
     pub async fn new(test: &str) -> Self {
-        let conn = connect().await;
+        Self::on(test, &amqp_url(), vec![amqp_url()]).await
+    }
+
+    /// [`Broker::new`] on the broker at `url` (e.g. one node of a cluster); the queues are
+    /// deleted at the end through the first of `cleanup_urls` that answers (e.g. every node of
+    /// the cluster, as some may be down by then).
+    pub async fn on(test: &str, url: &str, cleanup_urls: Vec<String>) -> Self {
+        let conn = connect_to(url).await;
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -96,6 +109,7 @@ impl Broker {
             conn,
             channel,
             extra_queues: std::sync::Mutex::new(Vec::new()),
+            cleanup_urls,
         }
     }
 
@@ -164,20 +178,7 @@ impl Broker {
 
     /// Messages ready in a queue (passive declare).
     pub async fn ready_count(&self, queue: &str) -> u32 {
-        let channel = self.conn.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue exists");
-        let _ = channel.close(200, "ok".into()).await;
-        q.message_count()
+        ready_count_on(&self.conn, queue).await
     }
 
     /// A consumer on `queue` (manual ack) for reading what arrives there.
@@ -227,6 +228,7 @@ impl Drop for Broker {
                 .unwrap_or_default(),
         );
         let exchange = self.names.exchange.clone();
+        let urls = self.cleanup_urls.clone();
         // Drop cannot await: clean up from a thread with its own small runtime.
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -236,9 +238,14 @@ impl Drop for Broker {
                 return;
             };
             runtime.block_on(async move {
-                let Ok(conn) =
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                else {
+                let mut conn = None;
+                for url in &urls {
+                    if let Ok(c) = Connection::connect(url, ConnectionProperties::default()).await {
+                        conn = Some(c);
+                        break;
+                    }
+                }
+                let Some(conn) = conn else {
                     return;
                 };
                 for queue in queues {
@@ -258,6 +265,25 @@ impl Drop for Broker {
         })
         .join();
     }
+}
+
+/// Messages ready in `queue` (passive declare) on the broker of `conn`: for a test whose
+/// [`Broker`]'s own connection went with its node.
+pub async fn ready_count_on(conn: &Connection, queue: &str) -> u32 {
+    let channel = conn.create_channel().await.expect("channel");
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    let _ = channel.close(200, "ok".into()).await;
+    q.message_count()
 }
 
 /// Reads deliveries from a queue.

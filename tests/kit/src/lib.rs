@@ -6,7 +6,7 @@
 //! [`targets`] (the fuzz targets' bodies), [`metrics`] (the Prometheus text format) and [`soak`]
 //! (the soak's verdict). The parts that open sockets, talk to the broker or start processes are
 //! behind the default feature `io`: the scripted SMTP relay ([`smtp`]), the fault proxy
-//! ([`proxy`]), the broker ([`broker`]), the binary as a child process ([`process`]), the worker
+//! ([`proxy`]), the broker ([`broker`]), the three-node cluster of `.ci/rabbitmq-cluster` ([`cluster`]), the binary as a child process ([`process`]), the worker
 //! in-process ([`worker`]) and a throwaway certificate authority ([`pki`]).
 
 pub mod hostile;
@@ -17,6 +17,8 @@ pub mod targets;
 
 #[cfg(feature = "io")]
 pub mod broker;
+#[cfg(feature = "io")]
+pub mod cluster;
 #[cfg(feature = "io")]
 pub mod pki;
 #[cfg(feature = "io")]

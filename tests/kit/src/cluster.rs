@@ -1,0 +1,136 @@
+//! The three-node RabbitMQ cluster of `.ci/rabbitmq-cluster`, as a fixture for tests that stop,
+//! kill and restart nodes: started once per test binary, never skipped (a cluster that cannot
+//! start fails the test, naming the script), and nodes driven through the same script.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The cluster script, `.ci/rabbitmq-cluster` of this repository.
+pub fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/rabbitmq-cluster")
+}
+
+/// Runs the script with `args`; panics with its output if it fails. Blocking.
+fn run_script(args: &[&str]) -> String {
+    let script = script();
+    let output = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `bash {} {}`: {e}",
+                script.display(),
+                args.join(" ")
+            )
+        });
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "`bash {} {}` failed ({}): the cluster tests need the three-node cluster of that \
+         script.\nstdout:\n{stdout}\nstderr:\n{}",
+        script.display(),
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The AMQP URLs of nodes 1, 2 and 3, after `bash .ci/rabbitmq-cluster start` (once per test
+/// binary; the script is idempotent, quick when the cluster is up, and locks against other
+/// runs). Panics, naming the script, if the cluster cannot be started. Blocking: call it from
+/// `spawn_blocking` (or [`urls`]) inside a runtime.
+pub fn urls_blocking() -> &'static [String; 3] {
+    static URLS: OnceLock<[String; 3]> = OnceLock::new();
+    URLS.get_or_init(|| {
+        run_script(&["start"]);
+        let listed = run_script(&["urls"]);
+        let urls: Vec<String> = listed.lines().map(str::to_owned).collect();
+        urls.try_into().unwrap_or_else(|urls: Vec<String>| {
+            panic!(
+                "`bash {} urls` printed {} URLs, not 3: {urls:?}",
+                script().display(),
+                urls.len()
+            )
+        })
+    })
+}
+
+/// [`urls_blocking`] without blocking the runtime.
+pub async fn urls() -> &'static [String; 3] {
+    tokio::task::spawn_blocking(urls_blocking)
+        .await
+        .expect("starting the cluster")
+}
+
+/// The AMQP port of node `n` (1..=3) as the URLs name it.
+pub fn port_of(url: &str) -> u16 {
+    url.rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in the URL {url}"))
+}
+
+/// Runs `bash .ci/rabbitmq-cluster <command> <n>` (`stop-node`, `kill-node`, `start-node`,
+/// `restart-node`) without blocking the runtime; returns how long it took. Panics with the
+/// script's output if it fails.
+pub async fn node(command: &'static str, n: u8) -> Duration {
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || run_script(&[command, &n.to_string()]))
+        .await
+        .expect("the cluster script");
+    started.elapsed()
+}
+
+/// A node that a test stopped or killed: started again when this is dropped (the test ended,
+/// or failed), so that the next test finds the cluster whole.
+pub struct DownNode {
+    n: u8,
+    restarted: bool,
+}
+
+impl DownNode {
+    /// Stops (`stop-node`) or kills (`kill-node`) node `n`; returns the guard and how long the
+    /// script took.
+    pub async fn take_down(command: &'static str, n: u8) -> (Self, Duration) {
+        // Made first: if the script fails half-way, the node is started again all the same.
+        let guard = Self {
+            n,
+            restarted: false,
+        };
+        let took = node(command, n).await;
+        (guard, took)
+    }
+
+    /// Starts the node again and waits until it is back in the cluster.
+    pub async fn start_again(mut self) -> Duration {
+        let took = node("start-node", self.n).await;
+        self.restarted = true;
+        took
+    }
+}
+
+impl Drop for DownNode {
+    fn drop(&mut self) {
+        if !self.restarted {
+            let n = self.n.to_string();
+            // From a thread of its own: this may run inside a runtime, during a panic.
+            let _ = std::thread::spawn(move || run_script(&["start-node", &n])).join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_read_from_the_urls() {
+        assert_eq!(port_of("amqp://guest:guest@127.0.0.1:5681/%2f"), 5681);
+        assert_eq!(port_of("amqp://127.0.0.1:5683"), 5683);
+        assert!(script().ends_with(".ci/rabbitmq-cluster"));
+    }
+}
