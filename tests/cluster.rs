@@ -6,7 +6,6 @@
 //! The tests stop nodes of one shared cluster: they run one at a time (`SERIAL`), and each one
 //! leaves the cluster whole (a stopped node is started again even when the test fails).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,17 +29,6 @@ const CONCURRENCY: usize = 16;
 const MIDWAY: usize = 300;
 /// The longest the worker may be without consuming.
 const BACK_WITHIN: Duration = Duration::from_secs(10);
-
-/// How many times each Message-ID was received.
-fn deliveries(smtp: &SmtpServer) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for m in smtp.messages() {
-        *seen
-            .entry(m.header("Message-ID").expect("Message-ID"))
-            .or_default() += 1;
-    }
-    seen
-}
 
 fn message_id(i: usize, test: &str) -> String {
     format!("<{test}-{i}@example.com>")
@@ -231,7 +219,7 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
 
     // Nothing lost, nothing else delivered.
-    let seen = deliveries(&smtp);
+    let seen = smtp.deliveries();
     let mut missing: Vec<String> = (0..JOBS)
         .map(|i| message_id(i, test))
         .filter(|id| !seen.contains_key(id))
@@ -431,7 +419,7 @@ async fn rolling_restart_of_the_three_nodes_loses_nothing() {
     let status = worker.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
 
-    let seen = deliveries(&smtp);
+    let seen = smtp.deliveries();
     let missing: Vec<String> = (0..published)
         .map(|i| message_id(i, TEST))
         .filter(|id| !seen.contains_key(id))

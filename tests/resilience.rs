@@ -3,7 +3,6 @@
 //! not disturbed. Every scenario accounts for every job: delivered or dead-lettered or back in
 //! the queue, none lost, duplicates counted.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -23,17 +22,6 @@ fn broker_addr() -> SocketAddr {
 /// The test broker's URL, but through `proxy`.
 fn url_via(proxy: &Proxy) -> String {
     amqp_url().replace(":5672", &format!(":{}", proxy.port()))
-}
-
-/// How many times each Message-ID was received.
-fn deliveries(smtp: &SmtpServer) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for m in smtp.messages() {
-        *seen
-            .entry(m.header("Message-ID").expect("Message-ID"))
-            .or_default() += 1;
-    }
-    seen
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
@@ -67,7 +55,7 @@ async fn sigterm_with_100_jobs_in_flight_drains_them_and_exits_0() {
     let status = worker.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
 
-    let delivered = deliveries(&smtp);
+    let delivered = smtp.deliveries();
     assert_eq!(delivered.len(), 100, "the 100 in flight finished");
     assert!(delivered.values().all(|&n| n == 1), "no duplicates");
     // The other 50 were never started: all of them are back in the queue, ready.
@@ -237,7 +225,7 @@ async fn broker_connection_cut_mid_stream_resumes_within_seconds_and_delivers_al
     .await;
     let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
-    let seen = deliveries(&smtp);
+    let seen = smtp.deliveries();
     assert_eq!(seen.len(), 200, "every job delivered");
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     let text = metrics.encode();
@@ -460,7 +448,7 @@ async fn broker_blackholed_is_detected_by_heartbeat_and_consumption_resumes() {
     worker.stop().await.expect("clean stop");
     // An ack swallowed by the black hole makes the broker deliver the job again: allowed, but
     // only as a redelivery, which is counted.
-    let seen = deliveries(&smtp);
+    let seen = smtp.deliveries();
     assert_eq!(seen.len(), 2);
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     let redelivered = metric(&metrics.encode(), "amqp_mailer_jobs_redelivered_total");
@@ -500,7 +488,7 @@ async fn relay_down_longer_than_two_retry_delays_then_back_delivers_all_through_
     );
     let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
-    let seen = deliveries(&smtp);
+    let seen = smtp.deliveries();
     assert_eq!(seen.len(), 10);
     assert!(seen.values().all(|&n| n == 1), "each once: {seen:?}");
     let text = metrics.encode();
@@ -542,7 +530,7 @@ async fn relay_blackholed_hits_the_deadline_and_jobs_are_delivered_once_it_answe
     relay_proxy.set_blackhole(false);
     wait_events(&mut events, 3, WAIT, |e| e.outcome == JobOutcome::Delivered).await;
     worker.stop().await.expect("clean stop");
-    assert_eq!(deliveries(&smtp).len(), 3);
+    assert_eq!(smtp.deliveries().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,7 +588,7 @@ async fn relay_closing_idle_pooled_connections_costs_no_attempt() {
         3.0,
         "{text}"
     );
-    assert_eq!(deliveries(&smtp).len(), 4);
+    assert_eq!(smtp.deliveries().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -324,6 +324,15 @@ impl SmtpServer {
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         self.shared.state.borrow().messages.clone()
     }
+    /// How many times each Message-ID was received: a count above 1 is a duplicate.
+    pub fn deliveries(&self) -> std::collections::HashMap<String, usize> {
+        let mut seen = std::collections::HashMap::new();
+        for m in self.shared.state.borrow().messages.iter() {
+            let id = m.header("Message-ID").unwrap_or_default();
+            *seen.entry(id).or_default() += 1;
+        }
+        seen
+    }
     /// The command lines received so far, by session.
     pub fn commands(&self) -> Vec<(u64, String)> {
         self.shared.state.borrow().commands.clone()
