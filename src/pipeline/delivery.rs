@@ -71,11 +71,13 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
         let key = settle_key(&delivery.data, meta.attempts_before);
         let handling = ctx.settled.begin(key);
         let mut job_id = meta.message_id.clone();
-        // A redelivery that arrives while its first copy is still being sent here (the
+        // A redelivery that arrives while an earlier copy is still being sent here (the
         // connection was lost under it) waits for that copy's outcome instead of sending again.
+        // Only for earlier copies: two redelivered copies of one job waiting for each other
+        // would hold their permits until the shutdown grace ran out.
         let abandoned = meta.redelivered
             && tokio::select! {
-                _ = ctx.settled.wait_for_others(key) => false,
+                _ = handling.wait_for_earlier() => false,
                 _ = abandon.cancelled() => true,
             };
         let settlement = if abandoned {

@@ -3,7 +3,7 @@
 //! arrives while its first copy is still being sent waits for that copy's outcome instead of
 //! sending it again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
@@ -28,24 +28,51 @@ pub struct RecentlySettled {
 struct State {
     settled: HashSet<u64>,
     order: VecDeque<u64>,
-    /// Deliveries being handled now, by key, and how many of them (a producer may publish the
-    /// same job twice).
-    in_flight: HashMap<u64, u32>,
+    /// Deliveries being handled now, by key: the ticket of each, in the order they began (a
+    /// producer may publish the same job twice, and both copies may come back redelivered).
+    in_flight: HashMap<u64, BTreeSet<u64>>,
+    /// The next ticket.
+    next_ticket: u64,
 }
 
-/// A delivery being handled: while it lives, a redelivery of it waits. Dropping it (after the
-/// settlement was recorded) ends the wait.
+/// A delivery being handled: while it lives, a later redelivery of it waits. Dropping it (after
+/// the settlement was recorded) ends the wait.
 pub struct Handling<'a> {
     recent: &'a RecentlySettled,
     key: u64,
+    ticket: u64,
+}
+
+impl Handling<'_> {
+    /// Waits until no copy of this delivery that began before this one is still being handled.
+    /// Only earlier copies are waited for: two redelivered copies of one job never wait for
+    /// each other, and the earliest copy never waits at all.
+    pub async fn wait_for_earlier(&self) {
+        loop {
+            let finished = self.recent.finished.notified();
+            tokio::pin!(finished);
+            // Registered before the check, so that a finish in between is not missed.
+            finished.as_mut().enable();
+            let first = self
+                .recent
+                .lock()
+                .in_flight
+                .get(&self.key)
+                .and_then(|tickets| tickets.first().copied());
+            if first.is_none_or(|first| first >= self.ticket) {
+                return;
+            }
+            finished.await;
+        }
+    }
 }
 
 impl Drop for Handling<'_> {
     fn drop(&mut self) {
         let mut state = self.recent.lock();
-        if let Some(n) = state.in_flight.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(tickets) = state.in_flight.get_mut(&self.key) {
+            tickets.remove(&self.ticket);
+            if tickets.is_empty() {
                 state.in_flight.remove(&self.key);
             }
         }
@@ -61,6 +88,7 @@ impl RecentlySettled {
                 settled: HashSet::with_capacity(capacity),
                 order: VecDeque::with_capacity(capacity),
                 in_flight: HashMap::new(),
+                next_ticket: 0,
             }),
             capacity,
             finished: Notify::new(),
@@ -74,21 +102,14 @@ impl RecentlySettled {
 
     /// Marks the delivery `key` as being handled until the returned guard is dropped.
     pub fn begin(&self, key: u64) -> Handling<'_> {
-        *self.lock().in_flight.entry(key).or_default() += 1;
-        Handling { recent: self, key }
-    }
-
-    /// Waits until no other delivery of `key` is being handled. `handling` is the caller's own.
-    pub async fn wait_for_others(&self, key: u64) {
-        loop {
-            let finished = self.finished.notified();
-            tokio::pin!(finished);
-            // Registered before the check, so that a finish in between is not missed.
-            finished.as_mut().enable();
-            if self.lock().in_flight.get(&key).copied().unwrap_or(0) <= 1 {
-                return;
-            }
-            finished.await;
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.in_flight.entry(key).or_default().insert(ticket);
+        Handling {
+            recent: self,
+            key,
+            ticket,
         }
     }
 
@@ -148,8 +169,8 @@ mod tests {
         let waiter = {
             let recent = recent.clone();
             tokio::spawn(async move {
-                let _mine = recent.begin(key);
-                recent.wait_for_others(key).await;
+                let mine = recent.begin(key);
+                mine.wait_for_earlier().await;
                 recent.contains(key)
             })
         };
@@ -163,7 +184,38 @@ mod tests {
         assert!(waiter.await.expect("joined"), "and then sees it settled");
         // Alone, there is nothing to wait for.
         let other = settle_key(b"other", 0);
-        let _alone = recent.begin(other);
-        recent.wait_for_others(other).await;
+        recent.begin(other).wait_for_earlier().await;
+    }
+
+    /// Two redelivered copies of one job (a producer published it twice, and the connection
+    /// was lost under both) must not wait for each other: the earlier goes first, the later
+    /// waits for it alone.
+    #[tokio::test(start_paused = true)]
+    async fn two_copies_of_one_job_never_wait_for_each_other() {
+        let recent = RecentlySettled::new(8);
+        let key = settle_key(b"job", 0);
+        let first = recent.begin(key);
+        let second = recent.begin(key);
+        tokio::time::timeout(std::time::Duration::from_secs(1), first.wait_for_earlier())
+            .await
+            .expect("the earlier copy waits for nothing");
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            second.wait_for_earlier(),
+        )
+        .await;
+        assert!(waiting.is_err(), "the later copy waits for the earlier one");
+        recent.insert(key);
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(1), second.wait_for_earlier())
+            .await
+            .expect("and goes on once it is done");
+        assert!(recent.contains(key), "seeing it settled");
+        // A third copy that begins after the first ended waits only for the second.
+        let third = recent.begin(key);
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(1), third.wait_for_earlier())
+            .await
+            .expect("nothing earlier is left");
     }
 }
