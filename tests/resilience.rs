@@ -349,6 +349,55 @@ async fn a_redelivery_during_the_first_copys_send_waits_for_it_instead_of_sendin
     assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
 }
 
+/// A job that a producer published twice, with the connection cut while both copies are being
+/// sent: both come back redelivered, and each must wait only for the copies that began before
+/// it. (Waiting for "any other copy" made the two redeliveries wait for each other until the
+/// shutdown grace ran out, and then left them in the queue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_redelivered_copies_of_one_job_do_not_wait_for_each_other() {
+    let smtp = SmtpServer::start();
+    smtp.set_data_delay(Duration::from_secs(3));
+    let broker = Broker::new("redelivertwice").await;
+    let proxy = Proxy::start(broker_addr());
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
+    config.smtp.timeout = Duration::from_secs(20);
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    let body = job("published-twice", "ann@example.com");
+    broker.publish(body.as_bytes()).await;
+    broker.publish(body.as_bytes()).await;
+    // Both copies sent whole (the producer's duplicate is the producer's), only the verdicts
+    // awaited.
+    smtp.wait_for(WAIT, "both copies, whole", |s| s.data_ends >= 2)
+        .await;
+    let before = proxy.connections_total();
+    proxy.cut_all();
+    assert!(
+        proxy
+            .wait_until(WAIT, |s| s.connections_total >= before + 2)
+            .await,
+        "reconnected"
+    );
+    let outcomes = wait_events(&mut events, 4, WAIT, |_| true).await;
+    let mut outcomes: Vec<JobOutcome> = outcomes.into_iter().map(|e| e.outcome).collect();
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        [
+            JobOutcome::AlreadyHandled,
+            JobOutcome::AlreadyHandled,
+            JobOutcome::Delivered,
+            JobOutcome::Delivered
+        ],
+        "both first copies delivered, both redeliveries acked without sending"
+    );
+    assert_eq!(worker.handles.metrics.jobs_in_flight.get(), 0);
+    worker.stop().await.expect("clean stop");
+    assert_eq!(smtp.state().data_ends, 2, "no copy was sent again");
+    assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
+}
+
 /// A stop that comes while the worker is reconnecting (its connect hanging on a broker that
 /// accepts and never answers) still waits for the jobs in flight: `run` returns only once the
 /// job that was sending has finished, not while it still runs against a closed SMTP pool.

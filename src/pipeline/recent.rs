@@ -199,11 +199,9 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), first.wait_for_earlier())
             .await
             .expect("the earlier copy waits for nothing");
-        let waiting = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            second.wait_for_earlier(),
-        )
-        .await;
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_secs(5), second.wait_for_earlier())
+                .await;
         assert!(waiting.is_err(), "the later copy waits for the earlier one");
         recent.insert(key);
         drop(first);
