@@ -117,6 +117,21 @@ struct RawAttachment {
     content_base64: String,
 }
 
+/// The job's own `id`, read without decoding or checking the rest: for a delivery that is not
+/// decoded (a redelivery handled already), so that its log lines still name the job. `None`
+/// when the body is not a JSON object with an `id` that [`decode`] would accept.
+pub fn peek_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    let id = serde_json::from_slice::<IdOnly>(body).ok()?.id?;
+    (id.len() <= MAX_ID_BYTES && is_dot_atom(&id)).then_some(id)
+}
+
+/// The longest job `id`: it becomes the left part of the Message-ID.
+const MAX_ID_BYTES: usize = 200;
+
 /// Decodes and checks a job body. Every error says which field is wrong and why.
 pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
     if body.len() > limits.max_job_bytes {
@@ -137,7 +152,7 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
     let id = match raw.id {
         Some(id) => {
             // The id becomes the left part of the Message-ID, so it must be a dot-atom.
-            if id.len() > 200 || !is_dot_atom(&id) {
+            if id.len() > MAX_ID_BYTES || !is_dot_atom(&id) {
                 return Err(InvalidJob::new(format!(
                     "id {:?} may only hold letters, digits and !#$%&'*+-/=?^_`{{|}}~. \
                      (no spaces, no @, no leading, trailing or double dots), at most 200 bytes",
@@ -466,6 +481,25 @@ mod tests {
             vec![("X-Campaign".to_string(), "spring".to_string())]
         );
         assert_eq!(job.attachments[0].content, b"hello");
+    }
+
+    #[test]
+    fn the_id_is_peeked_only_when_decode_would_accept_it() {
+        assert_eq!(
+            peek_id(br#"{"id":"order-1","to":"a@b.c","surprise":[1,2]}"#).as_deref(),
+            Some("order-1")
+        );
+        assert_eq!(peek_id(br#"{"to":"a@b.c"}"#), None);
+        assert_eq!(
+            peek_id(br#"{"id":"a b\nINFO forged"}"#),
+            None,
+            "nothing unsafe to log"
+        );
+        assert_eq!(
+            peek_id(format!(r#"{{"id":"{}"}}"#, "x".repeat(201)).as_bytes()),
+            None
+        );
+        assert_eq!(peek_id(b"not json"), None);
     }
 
     #[test]

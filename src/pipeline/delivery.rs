@@ -81,12 +81,14 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
                 _ = abandon.cancelled() => true,
             };
         let settlement = if abandoned {
-            Span::current().record("job_id", meta.message_id.as_deref().unwrap_or("-"));
+            job_id = peeked_id(&ctx, &delivery.data).or(job_id);
+            Span::current().record("job_id", job_id.as_deref().unwrap_or("-"));
             Settlement::Abandon
         } else if meta.redelivered && ctx.settled.contains(key) {
             // We handled this very delivery and its ack was lost with the connection: sending
             // it again would only make a duplicate.
-            Span::current().record("job_id", meta.message_id.as_deref().unwrap_or("-"));
+            job_id = peeked_id(&ctx, &delivery.data).or(job_id);
+            Span::current().record("job_id", job_id.as_deref().unwrap_or("-"));
             Settlement::AlreadyHandled
         } else {
             // Boxed: the send's state machine is kilobytes, and a task's future is copied
@@ -123,6 +125,14 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
     }
     .instrument(span)
     .await;
+}
+
+/// The job's own id from a body that is not decoded, within the job's size limits.
+fn peeked_id(ctx: &JobContext, body: &[u8]) -> Option<String> {
+    if body.len() > ctx.limits.max_job_bytes {
+        return None;
+    }
+    crate::job::peek_id(body)
 }
 
 /// Runs `future`, turning a panic inside it into an error with the panic's message.
