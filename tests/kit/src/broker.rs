@@ -181,23 +181,14 @@ impl Broker {
         ready_count_on(&self.conn, queue).await
     }
 
+    /// Waits until `queue` holds no ready message; panics after `timeout`.
+    pub async fn wait_until_empty(&self, queue: &str, timeout: Duration) {
+        wait_until_empty_on(&self.conn, queue, timeout).await;
+    }
+
     /// A consumer on `queue` (manual ack) for reading what arrives there.
     pub async fn reader(&self, queue: &str) -> Reader {
-        let channel = self.conn.create_channel().await.expect("channel");
-        channel
-            .basic_qos(1000, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        Reader { consumer }
+        reader_on(&self.conn, queue).await
     }
 
     /// Declares the work queue as the operator might have, with other arguments.
@@ -284,6 +275,42 @@ pub async fn ready_count_on(conn: &Connection, queue: &str) -> u32 {
         .expect("queue exists");
     let _ = channel.close(200, "ok".into()).await;
     q.message_count()
+}
+
+/// Waits until `queue` holds no ready message on the broker of `conn`; panics after `timeout`
+/// with the count left.
+pub async fn wait_until_empty_on(conn: &Connection, queue: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let ready = ready_count_on(conn, queue).await;
+        if ready == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ready} messages still ready in {queue} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`Broker::reader`] on the broker of `conn`.
+pub async fn reader_on(conn: &Connection, queue: &str) -> Reader {
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    Reader { consumer }
 }
 
 /// Reads deliveries from a queue.

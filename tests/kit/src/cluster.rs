@@ -74,51 +74,82 @@ pub fn port_of(url: &str) -> u16 {
         .unwrap_or_else(|| panic!("no port in the URL {url}"))
 }
 
-/// Runs `bash .ci/rabbitmq-cluster <command> <n>` (`stop-node`, `kill-node`, `start-node`,
-/// `restart-node`) without blocking the runtime; returns how long it took. Panics with the
-/// script's output if it fails.
-pub async fn node(command: &'static str, n: u8) -> Duration {
+/// Runs `bash .ci/rabbitmq-cluster <command> <nodes…>` (`stop-node`, `kill-node`, `start-node`,
+/// `restart-node`, `partition`, `heal`) without blocking the runtime; returns how long it took.
+/// Panics with the script's output if it fails.
+pub async fn nodes(command: &'static str, nodes: &[u8]) -> Duration {
     let started = Instant::now();
-    tokio::task::spawn_blocking(move || run_script(&[command, &n.to_string()]))
-        .await
-        .expect("the cluster script");
+    let mut args = vec![command.to_owned()];
+    args.extend(nodes.iter().map(u8::to_string));
+    tokio::task::spawn_blocking(move || {
+        run_script(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .expect("the cluster script");
     started.elapsed()
 }
 
-/// A node that a test stopped or killed: started again when this is dropped (the test ended,
-/// or failed), so that the next test finds the cluster whole.
+/// [`nodes`] for one node.
+pub async fn node(command: &'static str, n: u8) -> Duration {
+    nodes(command, &[n]).await
+}
+
+/// What undoes `command`: `heal` after `partition`, `start-node` after the rest.
+fn undo_of(command: &str) -> &'static str {
+    if command == "partition" {
+        "heal"
+    } else {
+        "start-node"
+    }
+}
+
+/// Nodes that a test stopped, killed or cut off: started again (or healed) when this is dropped
+/// (the test ended, or failed), so that the next test finds the cluster whole.
 pub struct DownNode {
-    n: u8,
-    restarted: bool,
+    nodes: Vec<u8>,
+    undo: &'static str,
+    restored: bool,
 }
 
 impl DownNode {
-    /// Stops (`stop-node`) or kills (`kill-node`) node `n`; returns the guard and how long the
-    /// script took.
+    /// Stops (`stop-node`), kills (`kill-node`) or cuts off (`partition`) node `n`; returns
+    /// the guard and how long the script took.
     pub async fn take_down(command: &'static str, n: u8) -> (Self, Duration) {
-        // Made first: if the script fails half-way, the node is started again all the same.
+        Self::take_down_all(command, &[n]).await
+    }
+
+    /// [`take_down`](Self::take_down) for several nodes at once (`stop-node 1 2 3`: the whole
+    /// cluster).
+    pub async fn take_down_all(command: &'static str, down: &[u8]) -> (Self, Duration) {
+        // Made first: if the script fails half-way, the nodes are restored all the same.
         let guard = Self {
-            n,
-            restarted: false,
+            nodes: down.to_vec(),
+            undo: undo_of(command),
+            restored: false,
         };
-        let took = node(command, n).await;
+        let took = nodes(command, down).await;
         (guard, took)
     }
 
-    /// Starts the node again and waits until it is back in the cluster.
+    /// Starts the nodes again (together, so that a whole cluster comes back from the node that
+    /// stopped last) or heals the partition, and waits until they are back in the cluster.
     pub async fn start_again(mut self) -> Duration {
-        let took = node("start-node", self.n).await;
-        self.restarted = true;
+        let took = nodes(self.undo, &self.nodes).await;
+        self.restored = true;
         took
     }
 }
 
 impl Drop for DownNode {
     fn drop(&mut self) {
-        if !self.restarted {
-            let n = self.n.to_string();
+        if !self.restored {
+            let mut args = vec![self.undo.to_owned()];
+            args.extend(self.nodes.iter().map(u8::to_string));
             // From a thread of its own: this may run inside a runtime, during a panic.
-            let _ = std::thread::spawn(move || run_script(&["start-node", &n])).join();
+            let _ = std::thread::spawn(move || {
+                run_script(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+            .join();
         }
     }
 }

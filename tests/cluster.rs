@@ -1,0 +1,678 @@
+//! End to end on a real three-node RabbitMQ cluster (`.ci/rabbitmq-cluster`), the real binary,
+//! quorum queues and the list of the three nodes in `amqp.url`:
+//! - the worker's node is stopped, killed or cut off from the other two while 1,000 jobs flow:
+//!   the worker consumes again through a surviving node within 10 s, losing nothing, with
+//!   duplicates bounded by the deliveries it could not ack;
+//! - the three nodes are restarted in turn while jobs flow at a steady rate;
+//! - the whole cluster is stopped for a minute: consuming again within 5 s of its return.
+//!
+//! The tests stop nodes of one shared cluster: they run one at a time (`SERIAL`), and each one
+//! leaves the cluster whole (a stopped node is started again even when the test fails).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Confirmation};
+use testkit::broker::Reader;
+use testkit::broker::{Broker, WAIT, connect_to, ready_count_on};
+use testkit::broker::{reader_on, wait_until_empty_on};
+use testkit::cluster::{self, DownNode};
+use testkit::metrics::metric;
+use testkit::process::{WorkerProcess, free_port, worker_env};
+use testkit::smtp::SmtpServer;
+use testkit::worker::job;
+
+/// The tests stop nodes of the one cluster: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const JOBS: usize = 1000;
+/// The worker's concurrency and prefetch: the most jobs in flight at once.
+const CONCURRENCY: usize = 16;
+/// Delivered by the relay before the worker's node goes.
+const MIDWAY: usize = 300;
+/// The longest the worker may be without consuming.
+const BACK_WITHIN: Duration = Duration::from_secs(10);
+
+fn message_id(i: usize, test: &str) -> String {
+    format!("<{test}-{i}@example.com>")
+}
+
+/// The worker on the cluster: quorum queues, the URL list in `order` (node numbers), the relay
+/// on `smtp`, and `/metrics` and `/readyz` on the returned address.
+fn start_worker(
+    broker: &Broker,
+    smtp: &SmtpServer,
+    urls: &[String; 3],
+    order: [usize; 3],
+) -> (WorkerProcess, SocketAddr) {
+    let names = &broker.names;
+    broker.also_delete([format!("{}10s", names.retry_prefix)]);
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let list = order.map(|n| urls[n - 1].clone()).join(",");
+    let mut env = worker_env(names, smtp.port());
+    env.extend([
+        ("AMQP_MAILER_AMQP__URL", list),
+        ("AMQP_MAILER_AMQP__QUEUE_TYPE", "quorum".into()),
+        ("AMQP_MAILER_WORKER__CONCURRENCY", CONCURRENCY.to_string()),
+        ("AMQP_MAILER_SMTP__FROM", "cluster@example.com".into()),
+        ("AMQP_MAILER_HTTP__LISTEN", http.to_string()),
+    ]);
+    (WorkerProcess::start(&["run"], &env), http)
+}
+
+/// Publishes `ids` through `broker` (one node) as a producer would: persistent, mandatory,
+/// each confirmed; a nack (the queue's leader is being re-elected) is published again.
+/// Returns how many nacks were seen.
+async fn publish_all(broker: Arc<Broker>, test: &'static str, ids: std::ops::Range<usize>) -> u32 {
+    let mut nacks = 0;
+    for i in ids {
+        let body = job(&format!("{test}-{i}"), "ann@example.com");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let confirm = broker
+                .channel
+                .basic_publish(
+                    broker.names.exchange.as_str().into(),
+                    broker.names.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2),
+                )
+                .await
+                .expect("publish through the publisher's node");
+            let confirmation = tokio::time::timeout(WAIT, confirm)
+                .await
+                .expect("a confirm within the wait")
+                .expect("a confirm");
+            match confirmation {
+                Confirmation::Ack(None) => break,
+                Confirmation::Nack(_) if Instant::now() < deadline => {
+                    nacks += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("job {i} not accepted by the broker: {other:?}"),
+            }
+        }
+    }
+    nacks
+}
+
+/// The node (1..=3) that a "consuming" log line names.
+fn node_in(line: &str, urls: &[String; 3]) -> Option<usize> {
+    (1..=3).find(|&n| line.contains(&format!("127.0.0.1:{}", cluster::port_of(&urls[n - 1]))))
+}
+
+/// The seconds of the day of a log line (`2026-12-02T06:05:35.604876Z  WARN …`).
+fn second_of_day(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// Each time the worker was without a consumer, by its own log: from "broker connection
+/// lost" to the next "consuming again", by the timestamps of the lines.
+fn outages(log: &[String]) -> Vec<Duration> {
+    let mut out = Vec::new();
+    let mut lost = None;
+    for line in log {
+        if line.contains("broker connection lost") {
+            lost = lost.or_else(|| second_of_day(line));
+        } else if line.contains("consuming again")
+            && let (Some(from), Some(to)) = (lost.take(), second_of_day(line))
+        {
+            let secs = if to >= from {
+                to - from
+            } else {
+                to + 86_400.0 - from
+            };
+            out.push(Duration::from_secs_f64(secs));
+        }
+    }
+    out
+}
+
+/// The longest time between two deliveries at the relay from `since` on.
+fn longest_gap_since(smtp: &SmtpServer, since: Instant) -> Duration {
+    let mut times: Vec<Instant> = smtp.messages().iter().map(|m| m.received_at).collect();
+    times.sort();
+    let mut gap = Duration::ZERO;
+    let mut previous = since;
+    for t in times.into_iter().filter(|t| *t >= since) {
+        gap = gap.max(t - previous);
+        previous = t;
+    }
+    gap
+}
+
+/// Jobs left in `queue` once the worker has stopped, with what the worker logged about each:
+/// empty when nothing was left behind. (A job left there is one the worker took and never
+/// settled.)
+async fn left_behind(mut reader: Reader, log: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for delivery in reader.drain(Duration::from_millis(500)).await {
+        let body = String::from_utf8_lossy(&delivery.data).into_owned();
+        let id = body
+            .split("\"id\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or("?")
+            .to_owned();
+        let lines: Vec<&String> = log.iter().filter(|l| l.contains(&id)).collect();
+        found.push(format!(
+            "{id} (redelivered {}; headers {:?}): {lines:#?}",
+            delivery.redelivered,
+            delivery.properties.headers()
+        ));
+    }
+    found
+}
+
+/// The worker's log says nothing was left unfinished when it stopped.
+fn drained_cleanly(log: &[String]) {
+    let forced: Vec<&String> = log.iter().filter(|l| l.contains("unfinished")).collect();
+    assert!(forced.is_empty(), "the drain left jobs behind: {forced:#?}");
+}
+
+/// 1,000 jobs through node 3 while the worker consumes through node 1; after `MIDWAY`
+/// deliveries node 1 goes (`command`: `stop-node`, `kill-node` or `partition`). Node 1 also
+/// leads the queue (it was declared through node 1).
+async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
+    let _serial = SERIAL.lock().await;
+    let urls = cluster::urls().await;
+    let smtp = SmtpServer::start();
+    smtp.set_data_delay(Duration::from_millis(2));
+    let broker = Arc::new(Broker::on(test, &urls[2], urls.to_vec()).await);
+    let (mut worker, http) = start_worker(&broker, &smtp, urls, [1, 2, 3]);
+    let consuming = worker.wait_for_log("consuming", WAIT).await;
+    assert_eq!(
+        node_in(&consuming, urls),
+        Some(1),
+        "the worker consumes through node 1, the first of its list: {consuming}"
+    );
+    assert_eq!(
+        amqp_mailer::http::check(http, "/readyz").await.as_deref(),
+        Ok("ready")
+    );
+
+    let publisher = tokio::spawn(publish_all(broker.clone(), test, 0..JOBS));
+    smtp.wait_for_messages(MIDWAY, WAIT).await;
+
+    let delivered_before = smtp.messages().len();
+    let lost_at = Instant::now();
+    // The script runs while the worker's log is watched: the reconnection is seen when it
+    // happens, not when the script returns.
+    let taking_down = tokio::spawn(DownNode::take_down(command, 1));
+    let again = worker
+        .wait_for_log("reconnected; consuming again", BACK_WITHIN)
+        .await;
+    let back_after = lost_at.elapsed();
+    let (down, script_took) = taking_down.await.expect("the cluster script");
+    assert!(
+        delivered_before < JOBS - CONCURRENCY,
+        "node 1 went midway ({delivered_before} of {JOBS} delivered by then)"
+    );
+    let through = node_in(&again, urls);
+    assert!(
+        matches!(through, Some(2 | 3)),
+        "consuming again through a surviving node: {again}"
+    );
+    assert_eq!(
+        amqp_mailer::http::check(http, "/readyz").await.as_deref(),
+        Ok("ready")
+    );
+
+    let nacks = tokio::time::timeout(WAIT * 2, publisher)
+        .await
+        .expect("the 1,000 jobs published in time")
+        .expect("the publisher");
+    smtp.wait_for(WAIT * 2, "every job delivered", |s| {
+        let mut ids: Vec<_> = s
+            .messages
+            .iter()
+            .filter_map(|m| m.header("Message-ID"))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len() >= JOBS
+    })
+    .await;
+    let gap = longest_gap_since(&smtp, lost_at - Duration::from_secs(1));
+    // Every copy settled: nothing waits in the queue, nothing is in flight.
+    broker.wait_until_empty(&broker.names.queue, WAIT).await;
+    let metrics = wait_idle(http).await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
+    drained_cleanly(&worker.log());
+
+    // Nothing lost, nothing else delivered.
+    let seen = smtp.deliveries();
+    let mut missing: Vec<String> = (0..JOBS)
+        .map(|i| message_id(i, test))
+        .filter(|id| !seen.contains_key(id))
+        .collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "{} jobs lost: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(seen.len(), JOBS, "only the published jobs were delivered");
+    // With the worker stopped nothing is unacked: what is not delivered would be ready here.
+    let left = left_behind(broker.reader(&broker.names.queue).await, &worker.log()).await;
+    assert!(left.is_empty(), "left in the work queue: {left:#?}");
+    assert_eq!(broker.ready_count(&broker.names.dead).await, 0);
+
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let possible = metric(&metrics, "amqp_mailer_possible_duplicates_total");
+    let avoided = metric(&metrics, "amqp_mailer_duplicates_avoided_total");
+    let redelivered = metric(&metrics, "amqp_mailer_jobs_redelivered_total");
+    assert!(
+        duplicates <= CONCURRENCY,
+        "{duplicates} duplicates, more than the {CONCURRENCY} jobs in flight"
+    );
+    // A duplicate is a redelivery that was sent again rather than recognised (redelivered, not
+    // avoided: counted), or a job the producer published again after a nack. (An ack can be
+    // lost after it was written, so "possible duplicates" counts only the acks that failed.)
+    assert!(
+        duplicates as f64 <= redelivered - avoided + f64::from(nacks),
+        "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided, \
+         and {nacks} nacks:\n{metrics}"
+    );
+    assert!(
+        metric(&metrics, "amqp_mailer_broker_reconnects_total") >= 1.0,
+        "{metrics}"
+    );
+    // Without a consumer: from the command (which counts the script's own `rabbitmqctl`
+    // start-up before the node goes), and from the lost connection to consuming again, by the
+    // worker's log. Without a delivery: a measure from the relay, which also counts the producer's
+    // own stall while its node re-elects the queue's leader.
+    // The log's outage starts only when the worker notices the loss: from the command too.
+    let outages = outages(&worker.log());
+    assert_eq!(outages.len(), 1, "one outage: {outages:?}");
+    assert!(
+        back_after < BACK_WITHIN && outages[0] < BACK_WITHIN && gap < BACK_WITHIN,
+        "consuming again {back_after:?} after the command, {:?} after the lost connection; \
+         {gap:?} without a delivery",
+        outages[0]
+    );
+
+    let restart_took = down.start_again().await;
+    eprintln!(
+        "{test}: {command} 1 took {script_took:?}; consuming again through node {} after \
+         {back_after:?} from the command, {:?} from the lost connection; longest time without a delivery {gap:?}; {duplicates} duplicates of \
+         {JOBS} ({delivered_before} delivered when node 1 went; {redelivered} redelivered, {possible} possible duplicates, {avoided} avoided); {nacks} publish \
+         nacks; undoing it took {restart_took:?}",
+        through.unwrap_or_default(),
+        outages[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_node_stopped_gracefully_midway() {
+    worker_node_lost_midway("stopped", "stop-node").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_node_killed_midway() {
+    worker_node_lost_midway("killed", "kill-node").await;
+}
+
+/// With `pause_minority`, a node cut off from the other two pauses and closes its clients'
+/// connections: the worker goes on through the majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_node_partitioned_from_the_majority_midway() {
+    worker_node_lost_midway("partitioned", "partition").await;
+}
+
+/// `/metrics` once the worker has nothing in flight (every delivery settled, every permit
+/// back): the in-flight gauge and the drain must agree.
+async fn wait_idle(http: SocketAddr) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = amqp_mailer::http::check(http, "/metrics")
+            .await
+            .expect("/metrics");
+        if metric(&text, "amqp_mailer_jobs_in_flight") == 0.0 {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs still in flight with nothing left to do:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A producer that outlives node restarts: publishes `{test}-{i}` one every `every` until
+/// `stop` says so, through the first node of `urls` that answers, moving on to the next node
+/// when its own is lost and publishing again whatever was not confirmed. Returns how many jobs
+/// it published and how many it had to publish again (each a possible duplicate at the broker).
+async fn steady_publisher(
+    urls: &'static [String; 3],
+    names: testkit::broker::Names,
+    test: &'static str,
+    every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (usize, usize) {
+    let mut published = 0;
+    let mut again = 0;
+    let mut node = 2; // node 3 first: the worker starts on node 1
+    let mut channel: Option<(lapin::Connection, lapin::Channel)> = None;
+    let mut tick = tokio::time::interval(every);
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while !*stop.borrow() {
+        tick.tick().await;
+        let body = job(&format!("{test}-{published}"), "ann@example.com");
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the publisher could not publish job {published} through any node"
+            );
+            if channel.is_none() {
+                let url = &urls[node % 3];
+                node += 1;
+                let opened = async {
+                    let conn =
+                        lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                            .await?;
+                    let ch = conn.create_channel().await?;
+                    ch.confirm_select(Default::default()).await?;
+                    Ok::<_, lapin::Error>((conn, ch))
+                };
+                match tokio::time::timeout(Duration::from_secs(5), opened).await {
+                    Ok(Ok(c)) => channel = Some(c),
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some((_, ch)) = &channel else { continue };
+            let sent = async {
+                ch.basic_publish(
+                    names.exchange.as_str().into(),
+                    names.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2),
+                )
+                .await?
+                .await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), sent).await {
+                Ok(Ok(Confirmation::Ack(None))) => break,
+                Ok(Ok(other)) => panic!("job {published} not accepted: {other:?}"),
+                _ => {
+                    // The node went (or the confirm did not come): publish again elsewhere.
+                    again += 1;
+                    channel = None;
+                }
+            }
+        }
+        published += 1;
+    }
+    (published, again)
+}
+
+/// Every node restarted in turn (`restart-node 1`, 2, 3) while jobs flow at a steady rate:
+/// none lost, and the worker never without a consumer for more than 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_the_three_nodes_loses_nothing() {
+    const TEST: &str = "rolling";
+    let _serial = SERIAL.lock().await;
+    let urls = cluster::urls().await;
+    let smtp = SmtpServer::start();
+    smtp.set_data_delay(Duration::from_millis(2));
+    let broker = Broker::on(TEST, &urls[2], urls.to_vec()).await;
+    let (mut worker, http) = start_worker(&broker, &smtp, urls, [1, 2, 3]);
+    worker.wait_for_log("consuming", WAIT).await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(steady_publisher(
+        urls,
+        broker.names.clone(),
+        TEST,
+        Duration::from_millis(25),
+        stopped,
+    ));
+    smtp.wait_for_messages(100, WAIT).await;
+    let began = Instant::now();
+    let mut took = Vec::new();
+    for n in 1..=3 {
+        // If the script fails half-way, the guard starts the node again.
+        let (down, stop_took) = DownNode::take_down("stop-node", n).await;
+        let start_took = down.start_again().await;
+        took.push((n, stop_took, start_took));
+    }
+    // A few more seconds of jobs through the whole cluster, then the producer stops.
+    let settled = smtp.messages().len();
+    smtp.wait_for_messages(settled + 100, WAIT).await;
+    let _ = stop.send(true);
+    let (published, republished) = tokio::time::timeout(WAIT, publisher)
+        .await
+        .expect("the publisher stops")
+        .expect("the publisher");
+
+    smtp.wait_for(WAIT * 2, "every job delivered", |s| {
+        let mut ids: Vec<_> = s
+            .messages
+            .iter()
+            .filter_map(|m| m.header("Message-ID"))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len() >= published
+    })
+    .await;
+    let gap = longest_gap_since(&smtp, began);
+    // The broker's own connection went with node 3: a new one, to the node restarted first.
+    let conn = connect_to(&urls[0]).await;
+    wait_until_empty_on(&conn, &broker.names.queue, WAIT).await;
+    let metrics = wait_idle(http).await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
+    drained_cleanly(&worker.log());
+
+    let seen = smtp.deliveries();
+    let missing: Vec<String> = (0..published)
+        .map(|i| message_id(i, TEST))
+        .filter(|id| !seen.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs lost: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(
+        seen.len(),
+        published,
+        "only the published jobs were delivered"
+    );
+    let left = left_behind(reader_on(&conn, &broker.names.queue).await, &worker.log()).await;
+    assert!(left.is_empty(), "left in the work queue: {left:#?}");
+    assert_eq!(ready_count_on(&conn, &broker.names.dead).await, 0);
+    let _ = conn.close(200, "bye".into()).await;
+    let outages = outages(&worker.log());
+    assert!(
+        outages.len() >= 3,
+        "the worker moved at least once per restart (its node was restarted each time): \
+         {outages:?}"
+    );
+    assert!(
+        outages.iter().all(|o| *o < BACK_WITHIN) && gap < BACK_WITHIN,
+        "without a consumer for {outages:?}; {gap:?} without a delivery while jobs flowed"
+    );
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let redelivered = metric(&metrics, "amqp_mailer_jobs_redelivered_total");
+    let possible = metric(&metrics, "amqp_mailer_possible_duplicates_total");
+    let avoided = metric(&metrics, "amqp_mailer_duplicates_avoided_total");
+    // Each node loss may repeat at most the jobs then in flight; each job the producer had to
+    // publish again may be at the broker twice.
+    assert!(
+        duplicates <= 3 * CONCURRENCY + republished,
+        "{duplicates} duplicates: more than 3 × {CONCURRENCY} in flight + {republished} \
+         published again"
+    );
+    assert!(
+        duplicates as f64 <= redelivered - avoided + republished as f64,
+        "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided, \
+         and {republished} published again:\n{metrics}"
+    );
+    let reconnects = metric(&metrics, "amqp_mailer_broker_reconnects_total");
+    eprintln!(
+        "{TEST}: {published} jobs at 40/s, {republished} published again by the producer; \
+         restarts (node, stop, start) {took:?}; without a consumer {outages:?}; longest time \
+         without a delivery {gap:?}; {duplicates} duplicates ({redelivered} redelivered, \
+         {possible} possible duplicates); {reconnects} reconnects"
+    );
+}
+
+/// Whether some node of `urls` completes an AMQP handshake now.
+async fn any_node_accepts(urls: &[String; 3]) -> bool {
+    for url in urls {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+        )
+        .await;
+        if let Ok(Ok(conn)) = attempt {
+            let _ = conn.close(200, "probe".into()).await;
+            return true;
+        }
+    }
+    false
+}
+
+/// The three nodes stopped together for a minute and started again (the cluster comes back
+/// from the node that stopped last): while no node answers `/readyz` is 503 and the log says so
+/// once; the worker consumes again within 5 s of the first node accepting connections, and every
+/// job, those queued before the stop included, is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_return() {
+    const TEST: &str = "wholestop";
+    const JOBS: usize = 400;
+    const OUTAGE: Duration = Duration::from_secs(60);
+    const BACK: Duration = Duration::from_secs(5);
+    let _serial = SERIAL.lock().await;
+    let urls = cluster::urls().await;
+    let smtp = SmtpServer::start();
+    // Slow enough that most jobs are still queued when the cluster goes.
+    smtp.set_data_delay(Duration::from_millis(500));
+    let broker = Arc::new(Broker::on(TEST, &urls[2], urls.to_vec()).await);
+    let (mut worker, http) = start_worker(&broker, &smtp, urls, [1, 2, 3]);
+    worker.wait_for_log("consuming", WAIT).await;
+    let nacks = publish_all(broker.clone(), TEST, 0..JOBS).await;
+    smtp.wait_for_messages(50, WAIT).await;
+
+    let (down, stop_took) = DownNode::take_down_all("stop-node", &[1, 2, 3]).await;
+    let delivered_before = smtp.deliveries().len();
+    assert!(
+        delivered_before < JOBS - CONCURRENCY,
+        "the cluster went with jobs queued ({delivered_before} of {JOBS} delivered)"
+    );
+    worker.wait_for_log("broker connection lost", WAIT).await;
+    assert_eq!(
+        amqp_mailer::http::check(http, "/readyz").await.ok(),
+        None,
+        "/readyz fails while no node answers"
+    );
+    // The outage itself is the scenario: a minute without any node.
+    tokio::time::sleep(OUTAGE).await;
+    assert_eq!(amqp_mailer::http::check(http, "/readyz").await.ok(), None);
+
+    let starting = tokio::spawn(down.start_again());
+    // The moment the cluster accepts connections again, from outside the worker.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !any_node_accepts(urls).await {
+        assert!(Instant::now() < deadline, "the cluster did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let accepting = Instant::now();
+    let again = worker
+        .wait_for_log("reconnected; consuming again", BACK + WAIT)
+        .await;
+    let back_after = accepting.elapsed();
+    let start_took = starting.await.expect("the cluster script");
+
+    smtp.wait_for(WAIT * 2, "every job delivered", |s| {
+        let mut ids: Vec<_> = s
+            .messages
+            .iter()
+            .filter_map(|m| m.header("Message-ID"))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len() >= JOBS
+    })
+    .await;
+    // The broker's own connection went with node 3.
+    let conn = connect_to(&urls[0]).await;
+    wait_until_empty_on(&conn, &broker.names.queue, WAIT).await;
+    let metrics = wait_idle(http).await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
+    drained_cleanly(&worker.log());
+
+    let log = worker.log();
+    let seen = smtp.deliveries();
+    let missing: Vec<String> = (0..JOBS)
+        .map(|i| message_id(i, TEST))
+        .filter(|id| !seen.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs lost: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(seen.len(), JOBS, "only the published jobs were delivered");
+    let left = left_behind(reader_on(&conn, &broker.names.queue).await, &log).await;
+    assert!(left.is_empty(), "left in the work queue: {left:#?}");
+    assert_eq!(ready_count_on(&conn, &broker.names.dead).await, 0);
+    let _ = conn.close(200, "bye".into()).await;
+
+    let warnings = log
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("broker connection lost"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "one warning for the whole outage:\n{}",
+        log.join("\n")
+    );
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let possible = metric(&metrics, "amqp_mailer_possible_duplicates_total");
+    let avoided = metric(&metrics, "amqp_mailer_duplicates_avoided_total");
+    let redelivered = metric(&metrics, "amqp_mailer_jobs_redelivered_total");
+    assert!(
+        duplicates as f64 <= redelivered - avoided + f64::from(nacks),
+        "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided:\n{metrics}"
+    );
+    assert!(
+        back_after < BACK,
+        "consuming again {back_after:?} after the cluster accepted connections: {again}"
+    );
+    eprintln!(
+        "{TEST}: stop-node 1 2 3 took {stop_took:?}, start-node 1 2 3 {start_took:?}; consuming \
+         again {back_after:?} after the first node accepted connections, through node {}; \
+         {delivered_before} of {JOBS} delivered before the stop; {duplicates} duplicates \
+         ({possible} possible, {avoided} avoided)",
+        node_in(&again, urls).unwrap_or_default()
+    );
+}
