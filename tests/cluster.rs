@@ -252,6 +252,16 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     let status = worker.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
     drained_cleanly(&worker.log());
+    // Every line about a redelivery names its job.
+    let unnamed: Vec<String> = worker
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("redelivered") && !l.contains(&format!("job_id=\"{test}-")))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "redeliveries logged without their job: {unnamed:#?}"
+    );
 
     // Nothing lost, nothing else delivered.
     let seen = smtp.deliveries();
