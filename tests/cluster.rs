@@ -9,15 +9,16 @@
 //! The tests stop nodes of one shared cluster: they run one at a time (`SERIAL`), and each one
 //! leaves the cluster whole (a stopped node is started again even when the test fails).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Confirmation};
-use testkit::broker::Reader;
-use testkit::broker::{Broker, WAIT, connect_to, ready_count_on};
-use testkit::broker::{reader_on, wait_until_empty_on};
+use testkit::broker::{
+    Broker, Names, Reader, WAIT, connect_to, reader_on, ready_count_on, wait_until_empty_on,
+};
 use testkit::cluster::{self, DownNode};
 use testkit::metrics::metric;
 use testkit::process::{WorkerProcess, free_port, worker_env};
@@ -181,6 +182,94 @@ fn drained_cleanly(log: &[String]) {
     assert!(forced.is_empty(), "the drain left jobs behind: {forced:#?}");
 }
 
+/// What a run came to, once every job was delivered and the worker had stopped.
+struct Ending {
+    /// Deliveries at the relay, by Message-ID.
+    seen: HashMap<String, usize>,
+    /// `/metrics` just before the stop, with nothing in flight.
+    metrics: String,
+    log: Vec<String>,
+}
+
+impl Ending {
+    fn duplicates(&self) -> usize {
+        self.seen.values().map(|n| n - 1).sum()
+    }
+
+    fn counter(&self, name: &str) -> f64 {
+        metric(&self.metrics, &format!("amqp_mailer_{name}_total"))
+    }
+
+    /// Every duplicate is one the worker counted: a redelivery sent again rather than
+    /// recognised (redelivered minus avoided), or a job the producer published twice. (An ack
+    /// can be lost after it was written, so "possible duplicates" counts only acks that failed.)
+    fn assert_duplicates_counted(&self, published_twice: usize) {
+        let (redelivered, avoided) = (
+            self.counter("jobs_redelivered"),
+            self.counter("duplicates_avoided"),
+        );
+        let duplicates = self.duplicates();
+        assert!(
+            duplicates as f64 <= redelivered - avoided + published_twice as f64,
+            "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided, \
+             and {published_twice} published twice:\n{}",
+            self.metrics
+        );
+    }
+
+    /// The counters a test prints.
+    fn counted(&self) -> String {
+        format!(
+            "{} duplicates ({} redelivered, {} possible duplicates, {} avoided)",
+            self.duplicates(),
+            self.counter("jobs_redelivered"),
+            self.counter("possible_duplicates"),
+            self.counter("duplicates_avoided")
+        )
+    }
+}
+
+/// The end of every cluster test: waits until the relay has the `jobs` jobs of `test`, the work
+/// queue is empty and nothing is in flight; stops the worker (exit 0, nothing left unfinished);
+/// then checks that no job was lost, none other delivered, and nothing left in the work queue or
+/// the dead-letter queue. `conn` reaches a node that is up.
+async fn finish(
+    worker: &mut WorkerProcess,
+    http: SocketAddr,
+    smtp: &SmtpServer,
+    conn: &lapin::Connection,
+    names: &Names,
+    test: &str,
+    jobs: usize,
+) -> Ending {
+    smtp.wait_for_distinct(jobs, WAIT * 2).await;
+    wait_until_empty_on(conn, &names.queue, WAIT).await;
+    let metrics = wait_idle(http).await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
+    let log = worker.log();
+    drained_cleanly(&log);
+
+    let seen = smtp.deliveries();
+    let mut missing: Vec<String> = (0..jobs)
+        .map(|i| message_id(i, test))
+        .filter(|id| !seen.contains_key(id))
+        .collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "{} jobs lost: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(seen.len(), jobs, "only the published jobs were delivered");
+    // With the worker stopped nothing is unacked: what is not delivered would be ready here.
+    let left = left_behind(reader_on(conn, &names.queue).await, &log).await;
+    assert!(left.is_empty(), "left in the work queue: {left:#?}");
+    assert_eq!(ready_count_on(conn, &names.dead).await, 0);
+    Ending { seen, metrics, log }
+}
+
 /// 1,000 jobs through node 3 while the worker consumes through node 1; after `MIDWAY`
 /// deliveries node 1 goes (`command`: `stop-node`, `kill-node` or `partition`). Node 1 also
 /// leads the queue (it was declared through node 1).
@@ -233,80 +322,40 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
         .await
         .expect("the 1,000 jobs published in time")
         .expect("the publisher");
-    smtp.wait_for(WAIT * 2, "every job delivered", |s| {
-        let mut ids: Vec<_> = s
-            .messages
-            .iter()
-            .filter_map(|m| m.header("Message-ID"))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.len() >= JOBS
-    })
-    .await;
     let gap = longest_gap_since(&smtp, lost_at - Duration::from_secs(1));
-    // Every copy settled: nothing waits in the queue, nothing is in flight.
-    broker.wait_until_empty(&broker.names.queue, WAIT).await;
-    let metrics = wait_idle(http).await;
-    worker.signal("TERM");
-    let status = worker.wait_exit(WAIT).await;
-    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
-    drained_cleanly(&worker.log());
+    let end = finish(
+        &mut worker,
+        http,
+        &smtp,
+        &broker.conn,
+        &broker.names,
+        test,
+        JOBS,
+    )
+    .await;
     // Every line about a redelivery names its job.
-    let unnamed: Vec<String> = worker
-        .log()
-        .into_iter()
+    let unnamed: Vec<&String> = end
+        .log
+        .iter()
         .filter(|l| l.contains("redelivered") && !l.contains(&format!("job_id=\"{test}-")))
         .collect();
     assert!(
         unnamed.is_empty(),
         "redeliveries logged without their job: {unnamed:#?}"
     );
-
-    // Nothing lost, nothing else delivered.
-    let seen = smtp.deliveries();
-    let mut missing: Vec<String> = (0..JOBS)
-        .map(|i| message_id(i, test))
-        .filter(|id| !seen.contains_key(id))
-        .collect();
-    missing.sort();
     assert!(
-        missing.is_empty(),
-        "{} jobs lost: {missing:?}",
-        missing.len()
+        end.duplicates() <= CONCURRENCY,
+        "{} duplicates, more than the {CONCURRENCY} jobs in flight",
+        end.duplicates()
     );
-    assert_eq!(seen.len(), JOBS, "only the published jobs were delivered");
-    // With the worker stopped nothing is unacked: what is not delivered would be ready here.
-    let left = left_behind(broker.reader(&broker.names.queue).await, &worker.log()).await;
-    assert!(left.is_empty(), "left in the work queue: {left:#?}");
-    assert_eq!(broker.ready_count(&broker.names.dead).await, 0);
-
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    let possible = metric(&metrics, "amqp_mailer_possible_duplicates_total");
-    let avoided = metric(&metrics, "amqp_mailer_duplicates_avoided_total");
-    let redelivered = metric(&metrics, "amqp_mailer_jobs_redelivered_total");
-    assert!(
-        duplicates <= CONCURRENCY,
-        "{duplicates} duplicates, more than the {CONCURRENCY} jobs in flight"
-    );
-    // A duplicate is a redelivery that was sent again rather than recognised (redelivered, not
-    // avoided: counted), or a job the producer published again after a nack. (An ack can be
-    // lost after it was written, so "possible duplicates" counts only the acks that failed.)
-    assert!(
-        duplicates as f64 <= redelivered - avoided + f64::from(nacks),
-        "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided, \
-         and {nacks} nacks:\n{metrics}"
-    );
-    assert!(
-        metric(&metrics, "amqp_mailer_broker_reconnects_total") >= 1.0,
-        "{metrics}"
-    );
+    end.assert_duplicates_counted(nacks as usize);
+    assert!(end.counter("broker_reconnects") >= 1.0, "{}", end.metrics);
     // Without a consumer: from the command (which counts the script's own `rabbitmqctl`
     // start-up before the node goes), and from the lost connection to consuming again, by the
     // worker's log. Without a delivery: a measure from the relay, which also counts the producer's
     // own stall while its node re-elects the queue's leader.
     // The log's outage starts only when the worker notices the loss: from the command too.
-    let outages = outages(&worker.log());
+    let outages = outages(&end.log);
     assert_eq!(outages.len(), 1, "one outage: {outages:?}");
     assert!(
         back_after < BACK_WITHIN && outages[0] < BACK_WITHIN && gap < BACK_WITHIN,
@@ -318,11 +367,12 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     let restart_took = down.start_again().await;
     eprintln!(
         "{test}: {command} 1 took {script_took:?}; consuming again through node {} after \
-         {back_after:?} from the command, {:?} from the lost connection; longest time without a delivery {gap:?}; {duplicates} duplicates of \
-         {JOBS} ({delivered_before} delivered when node 1 went; {redelivered} redelivered, {possible} possible duplicates, {avoided} avoided); {nacks} publish \
-         nacks; undoing it took {restart_took:?}",
+         {back_after:?} from the command, {:?} from the lost connection; longest time without \
+         a delivery {gap:?}; {} of {JOBS} ({delivered_before} delivered when node 1 went); \
+         {nacks} publish nacks; undoing it took {restart_took:?}",
         through.unwrap_or_default(),
-        outages[0]
+        outages[0],
+        end.counted()
     );
 }
 
@@ -477,47 +527,21 @@ async fn rolling_restart_of_the_three_nodes_loses_nothing() {
         .expect("the publisher stops")
         .expect("the publisher");
 
-    smtp.wait_for(WAIT * 2, "every job delivered", |s| {
-        let mut ids: Vec<_> = s
-            .messages
-            .iter()
-            .filter_map(|m| m.header("Message-ID"))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.len() >= published
-    })
-    .await;
     let gap = longest_gap_since(&smtp, began);
     // The broker's own connection went with node 3: a new one, to the node restarted first.
     let conn = connect_to(&urls[0]).await;
-    wait_until_empty_on(&conn, &broker.names.queue, WAIT).await;
-    let metrics = wait_idle(http).await;
-    worker.signal("TERM");
-    let status = worker.wait_exit(WAIT).await;
-    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
-    drained_cleanly(&worker.log());
-
-    let seen = smtp.deliveries();
-    let missing: Vec<String> = (0..published)
-        .map(|i| message_id(i, TEST))
-        .filter(|id| !seen.contains_key(id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} jobs lost: {missing:?}",
-        missing.len()
-    );
-    assert_eq!(
-        seen.len(),
+    let end = finish(
+        &mut worker,
+        http,
+        &smtp,
+        &conn,
+        &broker.names,
+        TEST,
         published,
-        "only the published jobs were delivered"
-    );
-    let left = left_behind(reader_on(&conn, &broker.names.queue).await, &worker.log()).await;
-    assert!(left.is_empty(), "left in the work queue: {left:#?}");
-    assert_eq!(ready_count_on(&conn, &broker.names.dead).await, 0);
+    )
+    .await;
     let _ = conn.close(200, "bye".into()).await;
-    let outages = outages(&worker.log());
+    let outages = outages(&end.log);
     assert!(
         outages.len() >= 3,
         "the worker moved at least once per restart (its node was restarted each time): \
@@ -527,28 +551,20 @@ async fn rolling_restart_of_the_three_nodes_loses_nothing() {
         outages.iter().all(|o| *o < BACK_WITHIN) && gap < BACK_WITHIN,
         "without a consumer for {outages:?}; {gap:?} without a delivery while jobs flowed"
     );
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    let redelivered = metric(&metrics, "amqp_mailer_jobs_redelivered_total");
-    let possible = metric(&metrics, "amqp_mailer_possible_duplicates_total");
-    let avoided = metric(&metrics, "amqp_mailer_duplicates_avoided_total");
     // Each node loss may repeat at most the jobs then in flight; each job the producer had to
     // publish again may be at the broker twice.
     assert!(
-        duplicates <= 3 * CONCURRENCY + republished,
-        "{duplicates} duplicates: more than 3 × {CONCURRENCY} in flight + {republished} \
-         published again"
+        end.duplicates() <= 3 * CONCURRENCY + republished,
+        "{} duplicates: more than 3 × {CONCURRENCY} in flight + {republished} published again",
+        end.duplicates()
     );
-    assert!(
-        duplicates as f64 <= redelivered - avoided + republished as f64,
-        "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided, \
-         and {republished} published again:\n{metrics}"
-    );
-    let reconnects = metric(&metrics, "amqp_mailer_broker_reconnects_total");
+    end.assert_duplicates_counted(republished);
     eprintln!(
         "{TEST}: {published} jobs at 40/s, {republished} published again by the producer; \
          restarts (node, stop, start) {took:?}; without a consumer {outages:?}; longest time \
-         without a delivery {gap:?}; {duplicates} duplicates ({redelivered} redelivered, \
-         {possible} possible duplicates); {reconnects} reconnects"
+         without a delivery {gap:?}; {}; {} reconnects",
+        end.counted(),
+        end.counter("broker_reconnects")
     );
 }
 
@@ -619,44 +635,13 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
     let back_after = accepting.elapsed();
     let start_took = starting.await.expect("the cluster script");
 
-    smtp.wait_for(WAIT * 2, "every job delivered", |s| {
-        let mut ids: Vec<_> = s
-            .messages
-            .iter()
-            .filter_map(|m| m.header("Message-ID"))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.len() >= JOBS
-    })
-    .await;
     // The broker's own connection went with node 3.
     let conn = connect_to(&urls[0]).await;
-    wait_until_empty_on(&conn, &broker.names.queue, WAIT).await;
-    let metrics = wait_idle(http).await;
-    worker.signal("TERM");
-    let status = worker.wait_exit(WAIT).await;
-    assert_eq!(status.code(), Some(0), "log:\n{}", worker.log().join("\n"));
-    drained_cleanly(&worker.log());
-
-    let log = worker.log();
-    let seen = smtp.deliveries();
-    let missing: Vec<String> = (0..JOBS)
-        .map(|i| message_id(i, TEST))
-        .filter(|id| !seen.contains_key(id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} jobs lost: {missing:?}",
-        missing.len()
-    );
-    assert_eq!(seen.len(), JOBS, "only the published jobs were delivered");
-    let left = left_behind(reader_on(&conn, &broker.names.queue).await, &log).await;
-    assert!(left.is_empty(), "left in the work queue: {left:#?}");
-    assert_eq!(ready_count_on(&conn, &broker.names.dead).await, 0);
+    let end = finish(&mut worker, http, &smtp, &conn, &broker.names, TEST, JOBS).await;
     let _ = conn.close(200, "bye".into()).await;
 
-    let warnings = log
+    let warnings = end
+        .log
         .iter()
         .filter(|l| l.contains("WARN") && l.contains("broker connection lost"))
         .count();
@@ -664,16 +649,9 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
         warnings,
         1,
         "one warning for the whole outage:\n{}",
-        log.join("\n")
+        end.log.join("\n")
     );
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    let possible = metric(&metrics, "amqp_mailer_possible_duplicates_total");
-    let avoided = metric(&metrics, "amqp_mailer_duplicates_avoided_total");
-    let redelivered = metric(&metrics, "amqp_mailer_jobs_redelivered_total");
-    assert!(
-        duplicates as f64 <= redelivered - avoided + f64::from(nacks),
-        "{duplicates} duplicates, but {redelivered} redelivered of which {avoided} avoided:\n{metrics}"
-    );
+    end.assert_duplicates_counted(nacks as usize);
     assert!(
         back_after < BACK,
         "consuming again {back_after:?} after the cluster accepted connections: {again}"
@@ -681,8 +659,8 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
     eprintln!(
         "{TEST}: stop-node 1 2 3 took {stop_took:?}, start-node 1 2 3 {start_took:?}; consuming \
          again {back_after:?} after the first node accepted connections, through node {}; \
-         {delivered_before} of {JOBS} delivered before the stop; {duplicates} duplicates \
-         ({possible} possible, {avoided} avoided)",
-        node_in(&again, urls).unwrap_or_default()
+         {delivered_before} of {JOBS} delivered before the stop; {}",
+        node_in(&again, urls).unwrap_or_default(),
+        end.counted()
     );
 }

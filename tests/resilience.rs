@@ -212,17 +212,7 @@ async fn broker_connection_cut_mid_stream_resumes_within_seconds_and_delivers_al
     );
     assert_eq!(get(http, "/readyz").await.as_deref(), Ok("ready"));
 
-    smtp.wait_for(WAIT, "all 200 jobs delivered", |s| {
-        let mut ids: Vec<_> = s
-            .messages
-            .iter()
-            .filter_map(|m| m.header("Message-ID"))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.len() >= 200
-    })
-    .await;
+    smtp.wait_for_distinct(200, WAIT).await;
     let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
     let seen = smtp.deliveries();

@@ -383,6 +383,24 @@ impl SmtpServer {
     }
 
     /// Returns all messages as soon as at least `n` are recorded.
+    /// Waits until messages with `n` distinct Message-IDs have arrived (copies counted once).
+    pub async fn wait_for_distinct(&self, n: usize, timeout: Duration) {
+        let distinct = |s: &SmtpState| {
+            let mut ids: Vec<_> = s
+                .messages
+                .iter()
+                .filter_map(|m| m.header("Message-ID"))
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids.len()
+        };
+        if !self.wait_until(timeout, |s| distinct(s) >= n).await {
+            let got = distinct(&self.state());
+            panic!("timed out after {timeout:?} waiting for {n} distinct messages: {got} arrived");
+        }
+    }
+
     pub async fn wait_for_messages(&self, n: usize, timeout: Duration) -> Vec<ReceivedMessage> {
         if !self.wait_until(timeout, |s| s.messages.len() >= n).await {
             let got = self.messages().len();
