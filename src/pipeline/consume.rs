@@ -298,7 +298,8 @@ impl Consumer {
         };
         while let Ok(Some(Ok(delivery))) = tokio::time::timeout(CANCEL_FLUSH, consumer.next()).await
         {
-            let _ = delivery.acker.nack(requeue).await;
+            let _ =
+                tokio::time::timeout(super::settle::ACK_WAIT, delivery.acker.nack(requeue)).await;
         }
         // While the channel is still open, so that the jobs in flight can be acked.
         shutdown.drain().await;

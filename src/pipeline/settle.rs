@@ -32,6 +32,11 @@ use crate::smtp::{Refusal, Sent};
 /// that a broker refusing publishes is not hammered by the same jobs in a tight loop.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
+/// The longest an ack or a nack may take. On a connection that died under it, lapin may never
+/// answer; a job must not hold its permit (and a redelivery waiting for it) for ever because of
+/// that. Past this, the delivery is left to the broker, which redelivers it.
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
+
 /// How a delivery is settled.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settlement {
@@ -397,10 +402,10 @@ async fn publish(ctx: &JobContext, delivery: &Delivery, republish: &Republish) -
 }
 
 async fn ack(ctx: &JobContext, delivery: Delivery) {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
+    match tokio::time::timeout(ACK_WAIT, delivery.acker.ack(BasicAckOptions::default())).await {
+        Ok(Ok(true)) => {}
         // The channel this came on is gone: the broker will deliver the job again.
-        Ok(false) | Err(_) => {
+        Ok(Ok(false) | Err(_)) | Err(_) => {
             ctx.metrics.possible_duplicates.inc();
             tracing::warn!(
                 "could not ack: the broker connection was lost after the job was handled; the \
@@ -418,7 +423,7 @@ async fn requeue(ctx: &JobContext, delivery: Delivery) -> JobOutcome {
         ..BasicNackOptions::default()
     };
     // If this fails too, the channel is gone and the broker requeues the job by itself.
-    let _ = delivery.acker.nack(options).await;
+    let _ = tokio::time::timeout(ACK_WAIT, delivery.acker.nack(options)).await;
     JobOutcome::Requeued
 }
 
