@@ -63,6 +63,29 @@ fn start_worker(
     (WorkerProcess::start(&["run"], &env), http)
 }
 
+/// Publishes one job as a producer would: persistent, mandatory, to the work exchange; the
+/// returned confirm is to be awaited.
+async fn publish_job(
+    channel: &lapin::Channel,
+    names: &Names,
+    body: &str,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            names.exchange.as_str().into(),
+            names.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body.as_bytes(),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+}
+
 /// Publishes `ids` through `broker` (one node) as a producer would: persistent, mandatory,
 /// each confirmed; a nack (the queue's leader is being re-elected) is published again.
 /// Returns how many nacks were seen.
@@ -72,20 +95,7 @@ async fn publish_all(broker: Arc<Broker>, test: &'static str, ids: std::ops::Ran
         let body = job(&format!("{test}-{i}"), "ann@example.com");
         let deadline = Instant::now() + WAIT;
         loop {
-            let confirm = broker
-                .channel
-                .basic_publish(
-                    broker.names.exchange.as_str().into(),
-                    broker.names.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body.as_bytes(),
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2),
-                )
+            let confirm = publish_job(&broker.channel, &broker.names, &body)
                 .await
                 .expect("publish through the publisher's node");
             let confirmation = tokio::time::timeout(WAIT, confirm)
@@ -457,22 +467,7 @@ async fn steady_publisher(
                 }
             }
             let Some((_, ch)) = &channel else { continue };
-            let sent = async {
-                ch.basic_publish(
-                    names.exchange.as_str().into(),
-                    names.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body.as_bytes(),
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2),
-                )
-                .await?
-                .await
-            };
+            let sent = async { publish_job(ch, &names, &body).await?.await };
             match tokio::time::timeout(Duration::from_secs(10), sent).await {
                 Ok(Ok(Confirmation::Ack(None))) => break,
                 Ok(Ok(other)) => panic!("job {published} not accepted: {other:?}"),

@@ -295,48 +295,13 @@ async fn a_broker_list_moves_on_to_the_next_node_when_its_node_is_lost() {
 /// sending: the relay gets the message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_during_the_first_copys_send_waits_for_it_instead_of_sending_again() {
-    let smtp = SmtpServer::start();
-    smtp.set_data_delay(Duration::from_secs(3));
-    let broker = Broker::new("redeliverwait").await;
-    let proxy = Proxy::start(broker_addr());
-    let mut config = test_config(&broker, smtp.port());
-    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
-    config.smtp.timeout = Duration::from_secs(20);
-    let worker = RunningWorker::start(&broker, config).await;
-    let mut events = worker.handles.events.subscribe();
-    broker
-        .publish(job("twice-1", "ann@example.com").as_bytes())
-        .await;
-    smtp.wait_for(WAIT, "the job's message, whole", |s| s.data_ends >= 1)
-        .await;
-    let before = proxy.connections_total();
-    proxy.cut_all();
-    // Reconnected (two new connections) while the first copy still waits for its verdict.
-    assert!(
-        proxy
-            .wait_until(WAIT, |s| s.connections_total >= before + 2)
-            .await,
-        "reconnected"
-    );
-    let outcomes = wait_events(&mut events, 2, WAIT, |_| true).await;
-    let mut outcomes: Vec<JobOutcome> = outcomes.into_iter().map(|e| e.outcome).collect();
-    outcomes.sort_by_key(|o| format!("{o:?}"));
+    let (outcomes, avoided) = cut_while_sending("redeliverwait", 1).await;
     assert_eq!(
         outcomes,
         [JobOutcome::AlreadyHandled, JobOutcome::Delivered],
         "the first copy delivered, the redelivery acked without sending"
     );
-    let metrics = worker.handles.metrics.clone();
-    worker.stop().await.expect("clean stop");
-    assert_eq!(smtp.messages().len(), 1, "the relay got it once");
-    assert_eq!(smtp.state().data_ends, 1, "and was sent it once");
-    let text = metrics.encode();
-    assert_eq!(
-        metric(&text, "amqp_mailer_duplicates_avoided_total"),
-        1.0,
-        "{text}"
-    );
-    assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
+    assert_eq!(avoided, 1.0);
 }
 
 /// A job that a producer published twice, with the connection cut while both copies are being
@@ -345,33 +310,7 @@ async fn a_redelivery_during_the_first_copys_send_waits_for_it_instead_of_sendin
 /// shutdown grace ran out, and then left them in the queue.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_redelivered_copies_of_one_job_do_not_wait_for_each_other() {
-    let smtp = SmtpServer::start();
-    smtp.set_data_delay(Duration::from_secs(3));
-    let broker = Broker::new("redelivertwice").await;
-    let proxy = Proxy::start(broker_addr());
-    let mut config = test_config(&broker, smtp.port());
-    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
-    config.smtp.timeout = Duration::from_secs(20);
-    let worker = RunningWorker::start(&broker, config).await;
-    let mut events = worker.handles.events.subscribe();
-    let body = job("published-twice", "ann@example.com");
-    broker.publish(body.as_bytes()).await;
-    broker.publish(body.as_bytes()).await;
-    // Both copies sent whole (the producer's duplicate is the producer's), only the verdicts
-    // awaited.
-    smtp.wait_for(WAIT, "both copies, whole", |s| s.data_ends >= 2)
-        .await;
-    let before = proxy.connections_total();
-    proxy.cut_all();
-    assert!(
-        proxy
-            .wait_until(WAIT, |s| s.connections_total >= before + 2)
-            .await,
-        "reconnected"
-    );
-    let outcomes = wait_events(&mut events, 4, WAIT, |_| true).await;
-    let mut outcomes: Vec<JobOutcome> = outcomes.into_iter().map(|e| e.outcome).collect();
-    outcomes.sort_by_key(|o| format!("{o:?}"));
+    let (outcomes, avoided) = cut_while_sending("redelivertwice", 2).await;
     assert_eq!(
         outcomes,
         [
@@ -382,10 +321,60 @@ async fn two_redelivered_copies_of_one_job_do_not_wait_for_each_other() {
         ],
         "both first copies delivered, both redeliveries acked without sending"
     );
+    assert_eq!(avoided, 2.0);
+}
+
+/// Publishes one job `copies` times and cuts the broker connections once every copy's message is
+/// with the relay (sent whole, verdict not yet given); the worker reconnects at once and the
+/// broker redelivers every copy while the first copies are still being sent. Checks that the
+/// relay was sent each copy once, that nothing is left in flight or in the queue, and returns
+/// the outcomes (sorted) and `duplicates_avoided`.
+async fn cut_while_sending(test: &str, copies: usize) -> (Vec<JobOutcome>, f64) {
+    let smtp = SmtpServer::start();
+    smtp.set_data_delay(Duration::from_secs(3));
+    let broker = Broker::new(test).await;
+    let proxy = Proxy::start(broker_addr());
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
+    config.smtp.timeout = Duration::from_secs(20);
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    let body = job(&format!("{test}-1"), "ann@example.com");
+    for _ in 0..copies {
+        broker.publish(body.as_bytes()).await;
+    }
+    smtp.wait_for(WAIT, "every copy's message, whole", |s| {
+        s.data_ends >= copies
+    })
+    .await;
+    let before = proxy.connections_total();
+    proxy.cut_all();
+    // Reconnected (two new connections) while the first copies still wait for their verdict.
+    assert!(
+        proxy
+            .wait_until(WAIT, |s| s.connections_total >= before + 2)
+            .await,
+        "reconnected"
+    );
+    let outcomes = wait_events(&mut events, 2 * copies, WAIT, |_| true).await;
+    let mut outcomes: Vec<JobOutcome> = outcomes.into_iter().map(|e| e.outcome).collect();
+    outcomes.sort_by_key(|o| format!("{o:?}"));
     assert_eq!(worker.handles.metrics.jobs_in_flight.get(), 0);
+    let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
-    assert_eq!(smtp.state().data_ends, 2, "no copy was sent again");
+    assert_eq!(
+        smtp.messages().len(),
+        copies,
+        "the relay got each copy once"
+    );
+    assert_eq!(
+        smtp.state().data_ends,
+        copies,
+        "and was sent each copy once"
+    );
     assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
+    let avoided = metric(&metrics.encode(), "amqp_mailer_duplicates_avoided_total");
+    (outcomes, avoided)
 }
 
 /// A stop that comes while the worker is reconnecting (its connect hanging on a broker that
