@@ -470,6 +470,11 @@ async fn steady_publisher(
             let sent = async { publish_job(ch, &names, &body).await?.await };
             match tokio::time::timeout(Duration::from_secs(10), sent).await {
                 Ok(Ok(Confirmation::Ack(None))) => break,
+                // The queue's leader is being re-elected: the broker did not take the job.
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    again += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Ok(Ok(other)) => panic!("job {published} not accepted: {other:?}"),
                 _ => {
                     // The node went (or the confirm did not come): publish again elsewhere.
