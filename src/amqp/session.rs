@@ -6,8 +6,8 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use lapin::{Channel, Connection, Event};
 
-use super::{Publisher, Topology, TopologyError, connect, connect_first};
-use crate::config::{AmqpConfig, redact_url};
+use super::{Broker, Publisher, Topology, TopologyError};
+use crate::config::AmqpConfig;
 
 /// How long closing a session may take: a broker that does not answer must not hold up a
 /// reconnect or a stop.
@@ -44,18 +44,15 @@ impl Connections {
     /// The only step a stop may cut short: nothing is declared or attached yet, and a connection
     /// that did open is closed on error.
     pub async fn open(amqp: &AmqpConfig, start: usize) -> Result<(Self, usize), String> {
-        let (name, heartbeat, timeout) =
-            (&amqp.connection_name, amqp.heartbeat, amqp.connect_timeout);
-        let (consume, index) =
-            connect_first(&amqp.url, start, name, "consume", heartbeat, timeout).await?;
-        let url = amqp.url.get(index).unwrap_or_default();
+        let broker = Broker::new(amqp).map_err(|e| e.to_string())?;
+        let (consume, index) = broker.connect_first(start, "consume").await?;
         // Separate connections, to the same node: broker flow control blocks publishers, and
         // must not stall the acks and deliveries of the consumer.
-        match connect(url, name, "publish", heartbeat, timeout).await {
+        match broker.connect(index, "publish").await {
             Ok(publish) => Ok((Self { consume, publish }, index)),
             Err(e) => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, consume.close(200, "bye".into())).await;
-                Err(format!("cannot connect to {}: {e}", redact_url(url)))
+                Err(e)
             }
         }
     }

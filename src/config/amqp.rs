@@ -1,5 +1,6 @@
 //! `[amqp]`: the broker, and the names of everything the worker declares on it.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -19,6 +20,50 @@ pub enum QueueType {
     Quorum,
 }
 by_name!(QueueType);
+
+/// How the worker logs in to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", remote = "Self")]
+pub enum BrokerAuth {
+    /// User name and password from the URL (SASL PLAIN).
+    Plain,
+    /// SASL EXTERNAL: the broker takes the user name from the client certificate
+    /// (`amqp.tls.cert_file`); the URL's user and password are not sent.
+    External,
+}
+by_name!(BrokerAuth);
+
+impl BrokerAuth {
+    /// The mechanism as lapin names it.
+    pub fn sasl(self) -> lapin::uri::SASLMechanism {
+        match self {
+            Self::Plain => lapin::uri::SASLMechanism::Plain,
+            Self::External => lapin::uri::SASLMechanism::External,
+        }
+    }
+}
+
+/// `[amqp.tls]`: TLS for `amqps://` URLs. The broker's certificate is always verified, with its
+/// host name; these keys add a private CA and a client certificate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerTlsConfig {
+    /// PEM bundle of extra CA certificates to trust besides the system's roots (for a private
+    /// CA). Default unset.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, the chain from the leaf), for brokers with `verify_peer`, and
+    /// for `auth_mechanism = "external"`. Needs `key_file`. Default unset.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM, unencrypted). Default unset.
+    pub key_file: Option<PathBuf>,
+}
+
+impl BrokerTlsConfig {
+    /// Whether any key of `[amqp.tls]` is set.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
 
 /// The brokers to connect to, in order: one URL, or one per node of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +189,12 @@ pub struct AmqpConfig {
     /// Deadline for opening a broker connection (TCP, TLS, AMQP handshake). Default `10s`.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// `plain` (default: user and password from the URL) or `external` (the client certificate
+    /// says who we are; needs `amqp.tls.cert_file`). An `auth_mechanism=` in a URL wins for
+    /// that URL.
+    pub auth_mechanism: BrokerAuth,
+    /// TLS for `amqps://` URLs.
+    pub tls: BrokerTlsConfig,
 }
 
 impl Default for AmqpConfig {
@@ -161,6 +212,8 @@ impl Default for AmqpConfig {
             reconnect_max_delay: Duration::from_secs(2),
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            auth_mechanism: BrokerAuth::Plain,
+            tls: BrokerTlsConfig::default(),
         }
     }
 }
@@ -177,13 +230,46 @@ impl AmqpConfig {
             } else {
                 format!("amqp.url[{i}]")
             };
-            lapin::uri::AMQPUri::from_str(url).map_err(|e| {
+            let uri = lapin::uri::AMQPUri::from_str(url).map_err(|e| {
                 ConfigError::new(
-                    key,
+                    key.clone(),
                     format!("`{}` is not an AMQP URL: {e}", redact_url(url)),
                 )
             })?;
+            let tls = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+            let mechanism = uri
+                .query
+                .auth_mechanism
+                .unwrap_or(self.auth_mechanism.sasl());
+            if mechanism == lapin::uri::SASLMechanism::External && !tls {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "`{}` logs in with EXTERNAL, which takes the user from a TLS client \
+                         certificate: use an amqps:// URL",
+                        redact_url(url)
+                    ),
+                ));
+            }
+            if mechanism == lapin::uri::SASLMechanism::External && self.tls.cert_file.is_none() {
+                return Err(ConfigError::new(
+                    "amqp.tls.cert_file",
+                    "the EXTERNAL mechanism (amqp.auth_mechanism) needs a client certificate: \
+                     set amqp.tls.cert_file and amqp.tls.key_file",
+                ));
+            }
+            if self.tls.is_set() && !tls {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "`{}` is not amqps://, but [amqp.tls] is set: the connection would not \
+                         use it",
+                        redact_url(url)
+                    ),
+                ));
+            }
         }
+        crate::amqp::BrokerTls::load(&self.tls)?;
         for (key, name) in [
             ("amqp.queue", &self.queue),
             ("amqp.dead_letter_queue", &self.dead_letter_queue),

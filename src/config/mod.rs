@@ -13,6 +13,7 @@ mod http;
 mod limits;
 mod load;
 mod log;
+pub mod pem;
 mod relays;
 mod retry;
 mod secret;
@@ -20,7 +21,7 @@ mod shutdown;
 mod smtp;
 mod worker;
 
-pub use amqp::{AmqpConfig, BrokerUrls, QueueType};
+pub use amqp::{AmqpConfig, BrokerAuth, BrokerTlsConfig, BrokerUrls, QueueType};
 /// The former path of [`duration::optional`].
 pub use enums::ConfigEnum;
 pub use error::ConfigError;

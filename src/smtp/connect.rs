@@ -16,7 +16,6 @@ use lettre::transport::smtp::client::{
 };
 use lettre::transport::smtp::commands::Ehlo;
 use lettre::transport::smtp::extension::ClientId;
-use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -24,7 +23,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
 
 use super::error::{Local, SendError, Stage, StageCell};
-use crate::config::{AuthMechanism, SmtpConfig, TlsMode};
+use crate::config::{AuthMechanism, SmtpConfig, TlsMode, pem};
 
 /// Everything needed to open a session, prepared once at start-up.
 pub(crate) struct Connector {
@@ -56,23 +55,11 @@ impl Connector {
     pub(crate) fn new(config: &SmtpConfig) -> Result<Self, TlsSetupError> {
         let extra_roots = match &config.ca_file {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| TlsSetupError {
+                let ca = pem::read_certificates(path).map_err(|message| TlsSetupError {
                     key: "smtp.ca_file",
-                    message: format!("cannot read {}: {e}", path.display()),
+                    message,
                 })?;
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| TlsSetupError {
-                        key: "smtp.ca_file",
-                        message: format!("{} is not a PEM certificate file: {e}", path.display()),
-                    })?;
-                if certs.is_empty() {
-                    return Err(TlsSetupError {
-                        key: "smtp.ca_file",
-                        message: format!("{} holds no certificate", path.display()),
-                    });
-                }
-                Some((pem, certs))
+                Some((ca.pem, ca.certs))
             }
             None => None,
         };

@@ -377,17 +377,12 @@ pub async fn replay(
 }
 
 async fn connect(config: &Config, role: &str) -> Result<Connection, ToolError> {
-    amqp::connect_first(
-        &config.amqp.url,
-        0,
-        &config.amqp.connection_name,
-        role,
-        config.amqp.heartbeat,
-        config.amqp.connect_timeout,
-    )
-    .await
-    .map(|(connection, _)| connection)
-    .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
+    amqp::Broker::new(&config.amqp)
+        .map_err(|e| ToolError::Broker(e.to_string()))?
+        .connect_first(0, role)
+        .await
+        .map(|(connection, _)| connection)
+        .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
 }
 
 /// Reads the dead letters present when it started, holding them unacked.

@@ -71,17 +71,12 @@ pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolE
     // The worker would dead-letter an invalid job; better to say so here and publish nothing.
     job::decode(&body, &config.job_limits()).map_err(|e| ToolError::InvalidJob(e.to_string()))?;
 
-    let connection = amqp::connect_first(
-        &config.amqp.url,
-        0,
-        &config.amqp.connection_name,
-        "publish-cli",
-        config.amqp.heartbeat,
-        config.amqp.connect_timeout,
-    )
-    .await
-    .map(|(connection, _)| connection)
-    .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))?;
+    let connection = amqp::Broker::new(&config.amqp)
+        .map_err(|e| ToolError::Broker(e.to_string()))?
+        .connect_first(0, "publish-cli")
+        .await
+        .map(|(connection, _)| connection)
+        .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))?;
     let publisher = Publisher::new(config.amqp.publish_timeout);
     publisher
         .attach(&connection)
