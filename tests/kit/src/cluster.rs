@@ -7,6 +7,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::pki::Ca;
+
 /// The cluster script, `.ci/rabbitmq-cluster` of this repository.
 pub fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/rabbitmq-cluster")
@@ -14,10 +16,16 @@ pub fn script() -> PathBuf {
 
 /// Runs the script with `args`; panics with its output if it fails. Blocking.
 fn run_script(args: &[&str]) -> String {
+    run_script_with(&[], args)
+}
+
+/// [`run_script`] with `env` set for the script.
+fn run_script_with(env: &[(&str, String)], args: &[&str]) -> String {
     let script = script();
     let output = Command::new("bash")
         .arg(&script)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -29,7 +37,7 @@ fn run_script(args: &[&str]) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "`bash {} {}` failed ({}): the cluster tests need the three-node cluster of that \
+        "`bash {} {}` failed ({}): the cluster and TLS tests need the RabbitMQ nodes of that \
          script.\nstdout:\n{stdout}\nstderr:\n{}",
         script.display(),
         args.join(" "),
@@ -152,6 +160,74 @@ impl Drop for DownNode {
             .join();
         }
     }
+}
+
+/// A RabbitMQ node of its own that also listens with TLS: `bash .ci/rabbitmq-cluster` with node
+/// name `tlshare1@localhost`, plain AMQP on 5691 and TLS on 6691, `verify_peer` and EXTERNAL,
+/// its server certificate signed by [`TlsNode::ca`], a throwaway CA made with rcgen and kept in
+/// `target/tls-broker/` (so that a node still running from an earlier run is not restarted).
+pub struct TlsNode {
+    /// `amqp://guest:guest@127.0.0.1:5691/%2f`: for the test's own publishing and reading.
+    pub plain_url: String,
+    /// `amqps://localhost:6691/%2f`.
+    pub tls_url: String,
+    /// The CA the node trusts, and that signed its certificate.
+    pub ca: Ca,
+    /// Where the CA and the server's files are.
+    pub dir: PathBuf,
+}
+
+/// The common name (and so the broker user) of the client certificates the TLS node accepts.
+pub const TLS_USER: &str = "amqp-mailer-tls";
+
+/// The TLS node, started once per test binary. Panics, naming the script, if it cannot start.
+/// Blocking: call it from `spawn_blocking` (or [`tls_node`]) inside a runtime.
+pub fn tls_node_blocking() -> &'static TlsNode {
+    static NODE: OnceLock<TlsNode> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let dir = crate::process::profile_dir()
+            .parent()
+            .map(|target| target.join("tls-broker"))
+            .expect("the target directory");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let ca = Ca::kept(&dir, "broker");
+        let (server, server_key) = (dir.join("server.pem"), dir.join("server-key.pem"));
+        // A new CA (none was kept) needs a new server certificate.
+        let same_ca = std::fs::read(&ca.ca_file).ok() == std::fs::read(dir.join("ca.pem")).ok();
+        if !server.is_file() || !server_key.is_file() || !same_ca {
+            ca.server(&dir, "server");
+            std::fs::copy(&ca.ca_file, dir.join("ca.pem")).expect("copy the CA");
+        }
+        let env = [
+            ("AMQP_MAILER_CLUSTER_NODE_PREFIX", "tlshare".to_string()),
+            ("AMQP_MAILER_CLUSTER_BASE_PORT", "5691".into()),
+            ("AMQP_MAILER_CLUSTER_SIZE", "1".into()),
+            ("AMQP_MAILER_CLUSTER_TLS_DIR", dir.display().to_string()),
+            ("AMQP_MAILER_CLUSTER_TLS_USER", TLS_USER.into()),
+        ];
+        run_script_with(&env, &["start"]);
+        let listed = run_script_with(&env, &["urls"]);
+        let mut lines = listed.lines().map(str::to_owned);
+        let (Some(plain_url), Some(tls_url)) = (lines.next(), lines.next()) else {
+            panic!(
+                "`bash {} urls` printed no TLS URL: {listed}",
+                script().display()
+            )
+        };
+        TlsNode {
+            plain_url,
+            tls_url,
+            ca,
+            dir,
+        }
+    })
+}
+
+/// [`tls_node_blocking`] without blocking the runtime.
+pub async fn tls_node() -> &'static TlsNode {
+    tokio::task::spawn_blocking(tls_node_blocking)
+        .await
+        .expect("starting the TLS node")
 }
 
 #[cfg(test)]
