@@ -1236,16 +1236,9 @@ async fn worker_run(
             }
         }
         let delivered = [("outcome", "delivered")];
-        let sends = metric(
-            &metrics,
-            "amqp_mailer_smtp_send_duration_seconds_count",
-            &delivered,
-        );
-        let send_seconds = metric(
-            &metrics,
-            "amqp_mailer_smtp_send_duration_seconds_sum",
-            &delivered,
-        );
+        // Summed over relays: each series carries a relay label, so an exact lookup finds none.
+        let sends = metrics.sum("amqp_mailer_smtp_send_duration_seconds_count", &delivered);
+        let send_seconds = metrics.sum("amqp_mailer_smtp_send_duration_seconds_sum", &delivered);
         let smtp_send_ms = (sends > 0.0).then(|| 1000.0 * send_seconds / sends);
         let extra = sink.extra(case.jobs);
         if extra > 0 {
@@ -1454,6 +1447,10 @@ struct ScaleSample {
     jobs_per_instance: (f64, f64),
     /// Where the cores went during the window.
     cores: Cores,
+    /// Mean time of one SMTP send over all instances: the relay delay plus the round trips
+    /// and waits on a busy machine. A slot's round is this plus the settle and the next
+    /// delivery, so the two together say whether the relay side or the broker side grew.
+    smtp_send_ms: Option<f64>,
     /// From the first instance consuming to the last.
     consuming_spread_ms: Option<f64>,
 }
@@ -1614,6 +1611,9 @@ fn print_scale_line(row: &ScaleRow, s: &ScaleSample) {
         ", cores busy {} (all (workers / broker / sink / rest))",
         s.cores.describe()
     );
+    if let Some(send) = s.smtp_send_ms {
+        line += &format!(", mean SMTP send {send:.1} ms");
+    }
     if let Some(spread) = s.consuming_spread_ms {
         line += &format!(", all consuming within {spread:.0} ms");
     }
@@ -1680,13 +1680,14 @@ async fn scale_run(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let mut received = 0.0;
+        let (mut received, mut sends, mut send_seconds) = (0.0, 0.0, 0.0);
+        let outcome = [("outcome", "delivered")];
         for worker in &workers {
-            received += metric(
-                &worker.metrics().await?,
-                "amqp_mailer_jobs_received_total",
-                &[],
-            );
+            let metrics = worker.metrics().await?;
+            received += metric(&metrics, "amqp_mailer_jobs_received_total", &[]);
+            // Summed over relays, as in worker_run.
+            sends += metrics.sum("amqp_mailer_smtp_send_duration_seconds_count", &outcome);
+            send_seconds += metrics.sum("amqp_mailer_smtp_send_duration_seconds_sum", &outcome);
         }
         let total: f64 = delivered.iter().sum();
         if received != jobs as f64 || total != jobs as f64 {
@@ -1739,6 +1740,7 @@ async fn scale_run(
             peak_rss_mib: rss,
             jobs_per_instance: (fewest, most),
             cores,
+            smtp_send_ms: (sends > 0.0).then(|| 1000.0 * send_seconds / sends),
             consuming_spread_ms,
         })
     }
@@ -1756,9 +1758,9 @@ fn print_scale_table(options: &Options, cases: &[Vec<ScaleRow>]) {
         cores()
     );
     println!(
-        "| case | instances | jobs | C per instance | relay delay | jobs/s | × 1 instance | % of n·C/delay | CPU ms / 1,000 jobs | peak RSS per instance | jobs per instance | cores busy: all (workers / broker / sink / rest) | smtp-source msgs/s (n·C sessions) | ack-only jobs/s (n consumers) |"
+        "| case | instances | jobs | C per instance | relay delay | jobs/s | × 1 instance | % of n·C/delay | CPU ms / 1,000 jobs | peak RSS per instance | jobs per instance | mean SMTP send | cores busy: all (workers / broker / sink / rest) | smtp-source msgs/s (n·C sessions) | ack-only jobs/s (n consumers) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for rows in cases {
         let one = rows
             .iter()
@@ -1794,7 +1796,7 @@ fn print_scale_table(options: &Options, cases: &[Vec<ScaleRow>]) {
                 }
             };
             println!(
-                "| {} (own sink) | {} | {} | {} | {} ms | {:.0} | {ratio} | {ideal} | {:.0} | {:.1} MiB | {fewest:.0}–{most:.0} | {} | {} | {} |",
+                "| {} (own sink) | {} | {} | {} | {} ms | {:.0} | {ratio} | {ideal} | {:.0} | {:.1} MiB | {fewest:.0}–{most:.0} | {:.1} ms | {} | {} | {} |",
                 row.case.name,
                 row.instances,
                 row.jobs,
@@ -1803,6 +1805,7 @@ fn print_scale_table(options: &Options, cases: &[Vec<ScaleRow>]) {
                 rate,
                 median(row.runs.iter().filter_map(|s| s.cpu_ms_per_1000)),
                 median(row.runs.iter().filter_map(|s| s.peak_rss_mib)),
+                median(row.runs.iter().filter_map(|s| s.smtp_send_ms)),
                 Cores::median(&row.runs).describe(),
                 ceiling(&row.source),
                 ceiling(&row.ack_only),
