@@ -41,8 +41,15 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 Cases:
   --case fast   20,000 jobs of 2 KiB, concurrency 50, no relay delay (the default with slow)
   --case slow   20,000 jobs of 2 KiB, concurrency 200, relay answers 50 ms after each message
-  --smoke       500 jobs, one repeat, both cases: checks that the benchmark works
---jobs, --size, --concurrency and --delay-ms override the case's values.",
+  --smoke       500 jobs, one repeat, both cases, then the slow case with 1 and 2 instances
+                (400 jobs): checks that the benchmark works
+--jobs, --size, --concurrency and --delay-ms override the case's values.
+
+Scale-out (--instances 1,2,4): instead of the table above, each instance count runs that many
+worker processes on one queue, each with the case's concurrency, into one sink (this program's
+own, which times the run from the first message it is sent to the last it accepts). Unless --jobs
+is given, a run has 100 jobs per slot (instances x C x 100), so that the ramp and the drain, each
+at most one round of the relay delay, are about 1 % of it.",
     // As before clap: a flag given twice takes its last value.
     args_override_self = true
 )]
@@ -75,6 +82,14 @@ struct Args {
     /// Skip the ceilings (smtp-source into the same sink, and the ack-only consumer).
     #[arg(long)]
     no_ceilings: bool,
+    /// Instance counts for the scale-out table, e.g. `1,2,4`: that many worker processes on one
+    /// queue, each with the case's concurrency.
+    #[arg(long, value_name = "N[,N..]", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=64))]
+    instances: Vec<u16>,
+    /// The broker(s), as the workers' `amqp.url` list (default: $AMQP_URL, or the local broker
+    /// guest/guest on 127.0.0.1:5672). The benchmark itself uses the first that answers.
+    #[arg(long, value_name = "URL[,URL..]")]
+    broker: Option<String>,
     /// 500 jobs, one repeat: checks that the benchmark works.
     #[arg(long)]
     smoke: bool,
@@ -111,14 +126,34 @@ struct Case {
 
 #[derive(Debug, Clone)]
 struct Options {
+    /// The cases of the single-instance table (with its ceilings).
     cases: Vec<Case>,
+    /// The cases of the scale-out table, run with each of `instances`.
+    scale_cases: Vec<Case>,
+    instances: Vec<u16>,
+    /// Jobs per scale-out run were given (--jobs, or --smoke): the same count for every
+    /// instance count, instead of `ROUNDS_PER_SLOT` per slot.
+    scale_jobs_fixed: bool,
     repeat: usize,
     queue_type: QueueType,
     sink: SinkChoice,
     ceilings: bool,
+    /// The workers' `amqp.url`, as given: one URL or a comma-separated list.
+    broker_list: String,
+    /// The URL the benchmark itself uses: the first of the list that answers.
     amqp_url: String,
     binary: String,
 }
+
+/// Jobs per slot in a scale-out run unless --jobs says otherwise. The ramp (instances starting
+/// a few milliseconds apart) and the drain (the last round, when slots run dry one by one) each
+/// cost at most one round of the relay delay; at 100 rounds that is about 1 % of the run, the
+/// same share for every instance count.
+const ROUNDS_PER_SLOT: usize = 100;
+
+/// The smoke run's scale-out: enough to start two instances on one queue and check the count,
+/// too few for any figure to mean something.
+const SMOKE_SCALE_JOBS: usize = 400;
 
 impl Options {
     /// The cases and settings that `args` ask for, with the environment's broker and binary.
@@ -139,20 +174,49 @@ impl Options {
         };
         let mut cases = match args.case {
             CaseChoice::Fast => vec![fast],
-            CaseChoice::Slow => vec![slow],
-            CaseChoice::Both => vec![fast, slow],
+            CaseChoice::Slow => vec![slow.clone()],
+            CaseChoice::Both => vec![fast, slow.clone()],
+        };
+        let override_case = |case: &mut Case| {
+            case.jobs = args.jobs.unwrap_or(case.jobs);
+            case.size = args.size.unwrap_or(case.size);
+            case.concurrency = args.concurrency.unwrap_or(case.concurrency);
+            case.delay = args.delay_ms.map_or(case.delay, Duration::from_millis);
         };
         for case in &mut cases {
             if args.smoke {
                 case.jobs = 500;
             }
-            case.jobs = args.jobs.unwrap_or(case.jobs);
-            case.size = args.size.unwrap_or(case.size);
-            case.concurrency = args.concurrency.unwrap_or(case.concurrency);
-            case.delay = args.delay_ms.map_or(case.delay, Duration::from_millis);
+            override_case(case);
         }
+        // --instances alone replaces the single-instance table; --smoke runs both, so that the
+        // scale-out path cannot rot either.
+        let (cases, scale_cases, instances) = match (args.smoke, args.instances.is_empty()) {
+            (false, true) => (cases, Vec::new(), Vec::new()),
+            (false, false) => (Vec::new(), cases, args.instances.clone()),
+            (true, no_instances) => {
+                let mut scale = Case {
+                    jobs: SMOKE_SCALE_JOBS,
+                    ..slow
+                };
+                override_case(&mut scale);
+                let instances = if no_instances {
+                    vec![1, 2]
+                } else {
+                    args.instances.clone()
+                };
+                (cases, vec![scale], instances)
+            }
+        };
+        let broker_list = args.broker.clone().unwrap_or_else(|| {
+            std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+        });
         Options {
             cases,
+            scale_cases,
+            instances,
+            scale_jobs_fixed: args.smoke || args.jobs.is_some(),
             repeat: if args.smoke { 1 } else { args.repeat },
             queue_type: match args.queue_type {
                 QueueTypeChoice::Quorum => QueueType::Quorum,
@@ -160,10 +224,19 @@ impl Options {
             },
             sink: args.sink,
             ceilings: !args.no_ceilings,
-            amqp_url: std::env::var("AMQP_URL")
-                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            amqp_url: broker_list.clone(),
+            broker_list,
             binary: std::env::var("AMQP_MAILER_BIN")
                 .unwrap_or_else(|_| "target/release/amqp-mailer".into()),
+        }
+    }
+
+    /// Jobs in one scale-out run of `case` with `instances` workers.
+    fn scale_jobs(&self, case: &Case, instances: u16) -> usize {
+        if self.scale_jobs_fixed {
+            case.jobs
+        } else {
+            ROUNDS_PER_SLOT * usize::from(instances) * usize::from(case.concurrency)
         }
     }
 }
@@ -200,7 +273,7 @@ async fn main() {
     }
 }
 
-async fn run(options: Options) -> Result<(), Error> {
+async fn run(mut options: Options) -> Result<(), Error> {
     if !std::path::Path::new(&options.binary).is_file() {
         return Err(format!(
             "{} not found: build it with `cargo build --release` (bench/run does)",
@@ -208,19 +281,11 @@ async fn run(options: Options) -> Result<(), Error> {
         )
         .into());
     }
-    let broker = Connection::connect(&options.amqp_url, ConnectionProperties::default())
-        .await
-        .map_err(|e| {
-            format!(
-                "RabbitMQ not reachable at {}: {e} (start it: bash .ci/ensure-rabbitmq)",
-                options.amqp_url
-            )
-        })?;
+    let (broker, url) = connect_first(&options.broker_list).await?;
+    options.amqp_url = url;
     println!(
         "machine: {} cores; queue type {:?}; {} repeat(s); worker {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores(),
         options.queue_type,
         options.repeat,
         options.binary
@@ -240,35 +305,78 @@ async fn run(options: Options) -> Result<(), Error> {
             print_line("worker", case, sink_kind, &sample);
             worker.push(sample);
             if options.ceilings {
-                let sample = smtp_source_run(case, sink_kind).await?;
+                let sample = smtp_source_run(
+                    case,
+                    sink_kind,
+                    usize::from(case.concurrency),
+                    case.jobs,
+                    false,
+                )
+                .await?;
                 print_line("smtp-source", case, sink_kind, &sample);
                 source.push(sample);
-                let sample = ack_only_run(&options, &broker, case, round).await?;
+                let sample = ack_only_run(&options, &broker, case, case.jobs, 1, round).await?;
                 print_line("ack-only", case, "-", &sample);
                 ack_only.push(sample);
             }
         }
         table.push((case.clone(), sink_kind, worker, source, ack_only));
     }
+    let mut scale_table = Vec::new();
+    for case in &options.scale_cases {
+        scale_table.push(scale_out(&options, &broker, case).await?);
+    }
     let _ = broker.close(200, "bye".into()).await;
 
+    if !table.is_empty() {
+        print_table(&options, &table);
+    }
+    if !scale_table.is_empty() {
+        print_scale_table(&options, &scale_table);
+    }
+    Ok(())
+}
+
+/// Connects to the first broker of `list` (the workers' `amqp.url` syntax) that answers.
+async fn connect_first(list: &str) -> Result<(Connection, String), Error> {
+    use serde::Deserialize as _;
+    // Split as the worker splits its own `amqp.url`, so that both see the same brokers.
+    let urls = amqp_mailer::config::BrokerUrls::deserialize(serde::de::value::StrDeserializer::<
+        serde::de::value::Error,
+    >::new(list))?;
+    let mut failures = Vec::new();
+    for url in urls.iter() {
+        match Connection::connect(url, ConnectionProperties::default()).await {
+            Ok(connection) => return Ok((connection, url.to_string())),
+            Err(e) => failures.push(format!("{}: {e}", amqp_mailer::config::redact_url(url))),
+        }
+    }
+    Err(format!(
+        "RabbitMQ not reachable ({}) (start it: bash .ci/ensure-rabbitmq)",
+        if failures.is_empty() {
+            "no broker given".to_string()
+        } else {
+            failures.join("; ")
+        }
+    )
+    .into())
+}
+
+type Row = (Case, &'static str, Vec<Sample>, Vec<Sample>, Vec<Sample>);
+
+fn print_table(options: &Options, table: &[Row]) {
     println!();
     println!(
         "medians of {} run(s), {} queues ({} cores shared by broker, sink and worker):",
         options.repeat,
-        match options.queue_type {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        },
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        queue_type_name(options.queue_type),
+        cores()
     );
     println!(
         "| case | jobs | C | relay delay | worker jobs/s | % of C/delay | CPU ms / 1,000 jobs | peak RSS | start → consuming | smtp-source msgs/s | ack-only jobs/s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (case, sink, worker, source, ack_only) in &table {
+    for (case, sink, worker, source, ack_only) in table {
         let rate = median(worker.iter().map(|s| s.jobs_per_second));
         let ideal = if case.delay.is_zero() {
             "-".to_string()
@@ -299,7 +407,19 @@ async fn run(options: Options) -> Result<(), Error> {
             },
         );
     }
-    Ok(())
+}
+
+fn queue_type_name(queue_type: QueueType) -> &'static str {
+    match queue_type {
+        QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
 }
 
 fn print_line(what: &str, case: &Case, sink: &str, s: &Sample) {
@@ -436,6 +556,8 @@ struct Sink {
     port: u16,
     received: Arc<AtomicU64>,
     done: Arc<Notify>,
+    /// When the first message began and the last expected one was accepted (own sink only).
+    window: Arc<Window>,
     /// Postfix's smtp-sink, when that is the sink.
     child: Option<tokio::process::Child>,
     task: tokio::task::JoinHandle<()>,
@@ -445,6 +567,7 @@ impl Sink {
     async fn start(kind: &str, expect: usize, delay: Duration) -> Result<Sink, Error> {
         let received = Arc::new(AtomicU64::new(0));
         let done = Arc::new(Notify::new());
+        let window = Arc::new(Window::default());
         match kind {
             "postfix" => {
                 if !delay.is_zero() {
@@ -499,6 +622,7 @@ impl Sink {
                     port,
                     received,
                     done,
+                    window,
                     child: Some(child),
                     task,
                 })
@@ -516,11 +640,13 @@ impl Sink {
                     expect as u64,
                     received.clone(),
                     done.clone(),
+                    window.clone(),
                 ));
                 Ok(Sink {
                     port,
                     received,
                     done,
+                    window,
                     child: None,
                     task,
                 })
@@ -531,6 +657,19 @@ impl Sink {
 
     fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The first message's MAIL and the last expected message's reply, once both happened.
+    fn window(&self) -> Option<(Mark, Mark)> {
+        Some((
+            self.window.first.get()?.clone(),
+            self.window.last.get()?.clone(),
+        ))
+    }
+
+    /// Processes whose CPU time the window's marks note.
+    fn watch(&self, pids: Vec<u32>) {
+        let _ = self.window.watch.set(pids);
     }
 
     /// Waits until the sink got all messages; Err with the count so far on timeout.
@@ -607,11 +746,13 @@ async fn own_sink(
     expect: u64,
     received: Arc<AtomicU64>,
     done: Arc<Notify>,
+    window: Arc<Window>,
 ) {
     while let Ok((stream, _)) = listener.accept().await {
         let _ = stream.set_nodelay(true);
         let received = received.clone();
         let done = done.clone();
+        let window = window.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut reader = BufReader::with_capacity(16 * 1024, read);
@@ -648,10 +789,20 @@ async fn own_sink(
                         if !delay.is_zero() {
                             tokio::time::sleep(delay).await;
                         }
-                        if received.fetch_add(1, Ordering::SeqCst) + 1 >= expect {
+                        let count = received.fetch_add(1, Ordering::SeqCst) + 1;
+                        if count == expect {
+                            window.last.get_or_init(|| Mark::now(&window));
+                        }
+                        if count >= expect {
                             done.notify_waiters();
                         }
                         b"250 2.0.0 queued\r\n"
+                    }
+                    b"MAIL" => {
+                        // The first message begins: a run is timed from here, not from the
+                        // workers' start, so that start-up and connecting are left out.
+                        window.first.get_or_init(|| Mark::now(&window));
+                        b"250 2.0.0 ok\r\n"
                     }
                     b"QUIT" => {
                         let _ = write.write_all(b"221 bye\r\n").await;
@@ -665,6 +816,149 @@ async fn own_sink(
             }
         });
     }
+}
+
+/// The measured part of a run, as the sink saw it.
+#[derive(Debug, Default)]
+struct Window {
+    /// Processes whose CPU time the marks note (the workers, the broker), set before the run.
+    watch: std::sync::OnceLock<Vec<u32>>,
+    first: std::sync::OnceLock<Mark>,
+    last: std::sync::OnceLock<Mark>,
+}
+
+/// A moment of a run, with the CPU counters then, in milliseconds of CPU time.
+#[derive(Debug, Clone)]
+struct Mark {
+    at: Instant,
+    /// Busy time of all cores, from /proc/stat.
+    machine: Option<f64>,
+    /// This process: the sink, when the own sink is used.
+    own: Option<f64>,
+    /// The watched processes, in order.
+    watched: Vec<Option<f64>>,
+}
+
+impl Mark {
+    fn now(window: &Window) -> Mark {
+        Mark {
+            at: Instant::now(),
+            machine: machine_busy_ms(),
+            own: cpu_ms(std::process::id()),
+            watched: window
+                .watch
+                .get()
+                .map(|pids| pids.iter().map(|&pid| cpu_ms(pid)).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What the cores did between two marks, in cores (1.0 is one core busy all the time).
+#[derive(Debug, Clone, Default)]
+struct Usage {
+    seconds: f64,
+    machine: Option<f64>,
+    own: Option<f64>,
+    watched: Vec<Option<f64>>,
+}
+
+fn between(first: &Mark, last: &Mark) -> Usage {
+    let seconds = (last.at - first.at).as_secs_f64();
+    let cores = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if seconds > 0.0 => Some((b - a) / (seconds * 1000.0)),
+        _ => None,
+    };
+    Usage {
+        seconds,
+        machine: cores(first.machine, last.machine),
+        own: cores(first.own, last.own),
+        watched: first
+            .watched
+            .iter()
+            .zip(&last.watched)
+            .map(|(a, b)| cores(*a, *b))
+            .collect(),
+    }
+}
+
+/// Busy CPU time of the machine (all cores) in milliseconds, from /proc/stat's first line: user
+/// nice system idle iowait irq softirq steal; idle and iowait are not busy.
+fn machine_busy_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    if fields.len() < 8 {
+        return None;
+    }
+    let busy = fields.iter().sum::<f64>() - fields[3] - fields[4];
+    // Ticks of 1/100 s (USER_HZ), as in cpu_ms.
+    Some(busy * 10.0)
+}
+
+/// The port of the broker at `url` when it runs on this machine.
+fn local_broker_port(url: &str) -> Option<u16> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    let local = matches!(
+        uri.authority.host.as_str(),
+        "127.0.0.1" | "localhost" | "::1" | "[::1]"
+    );
+    local.then_some(uri.authority.port)
+}
+
+/// The process listening on TCP `port` on this machine (the broker), from /proc/net/tcp and the
+/// processes' open sockets; None when it is elsewhere or not visible to this user.
+fn listener_pid(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; the inode is field 9.
+            let listening = fields.get(3) == Some(&"0A");
+            let local_port = fields
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if listening
+                && local_port == Some(port)
+                && let Some(inode) = fields.get(9)
+            {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && inodes.iter().any(|i| target.as_os_str() == i.as_str())
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 /// CPU time (user + system) of a process in milliseconds, from /proc/<pid>/stat.
@@ -691,36 +985,28 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-async fn worker_run(
-    options: &Options,
-    broker: &Connection,
-    case: &Case,
-    sink_kind: &str,
-    round: usize,
-) -> Result<Sample, Error> {
-    let amqp = AmqpConfig {
-        queue_type: options.queue_type,
-        ..names(&format!("{}{round}", case.name))
-    };
-    let retry = RetryConfig::default();
-    let topology = Topology::new(&amqp, &Schedule::new(&retry));
-    let retry_queues: Vec<String> = topology
-        .retry_queues
-        .iter()
-        .map(|(_, name)| name.clone())
-        .collect();
-    let result = async {
-        let channel = broker.create_channel().await?;
-        topology.declare(&channel).await?;
-        let _ = channel.close(200, "declared".into()).await;
-        preload(broker, &amqp.queue, case.jobs, case.size).await?;
+/// One worker process, started as users run it, with its log read as it comes.
+struct Worker {
+    child: tokio::process::Child,
+    pid: u32,
+    started: Instant,
+    metrics_addr: std::net::SocketAddr,
+    consuming: Arc<Notify>,
+    consuming_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// The first few WARN and ERROR lines of its log, for the error message of a failed run.
+    log_task: tokio::task::JoinHandle<Vec<String>>,
+}
 
-        let mut sink = Sink::start(sink_kind, case.jobs, case.delay).await?;
+impl Worker {
+    /// Starts the release binary on `amqp`'s queues with `concurrency` slots, sending to the
+    /// sink on `smtp_port`.
+    fn spawn(
+        options: &Options,
+        amqp: &AmqpConfig,
+        concurrency: u16,
+        smtp_port: u16,
+    ) -> Result<Worker, Error> {
         let http_port = free_port()?;
-        let queue_type = match options.queue_type {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        };
         let started = Instant::now();
         let mut child = Command::new(&options.binary)
             .arg("run")
@@ -730,7 +1016,7 @@ async fn worker_run(
             // that the benchmark needs win.
             .envs(std::env::vars().filter(|(k, _)| k.starts_with("AMQP_MAILER_")))
             .envs([
-                ("AMQP_MAILER_AMQP__URL", options.amqp_url.clone()),
+                ("AMQP_MAILER_AMQP__URL", options.broker_list.clone()),
                 ("AMQP_MAILER_AMQP__EXCHANGE", amqp.exchange.clone()),
                 ("AMQP_MAILER_AMQP__QUEUE", amqp.queue.clone()),
                 ("AMQP_MAILER_AMQP__ROUTING_KEY", amqp.routing_key.clone()),
@@ -742,13 +1028,13 @@ async fn worker_run(
                     "AMQP_MAILER_AMQP__DEAD_LETTER_QUEUE",
                     amqp.dead_letter_queue.clone(),
                 ),
-                ("AMQP_MAILER_AMQP__QUEUE_TYPE", queue_type.into()),
                 (
-                    "AMQP_MAILER_WORKER__CONCURRENCY",
-                    case.concurrency.to_string(),
+                    "AMQP_MAILER_AMQP__QUEUE_TYPE",
+                    queue_type_name(options.queue_type).into(),
                 ),
+                ("AMQP_MAILER_WORKER__CONCURRENCY", concurrency.to_string()),
                 ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".into()),
-                ("AMQP_MAILER_SMTP__PORT", sink.port().to_string()),
+                ("AMQP_MAILER_SMTP__PORT", smtp_port.to_string()),
                 ("AMQP_MAILER_SMTP__TLS", "none".into()),
                 ("AMQP_MAILER_SMTP__FROM", "bench@example.com".into()),
                 ("AMQP_MAILER_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
@@ -783,13 +1069,16 @@ async fn worker_run(
                             if let Ok(mut at) = consuming_at.lock() {
                                 *at = Some(Instant::now());
                             }
+                            // notify_one keeps a permit: a later wait_consuming still sees it.
                             consuming.notify_one();
                         }
-                        if line
+                        // The level as the text log writes it (no colours off a terminal), or
+                        // as the JSON log does.
+                        let alarming = line
                             .windows(7)
-                            .any(|w| w == b"\"ERROR\"" || w == b"\"WARN\"")
-                            && errors.len() < 5
-                        {
+                            .any(|w| w == b" ERROR " || w == b"\"ERROR\"" || w == b"\"WARN\"")
+                            || line.windows(6).any(|w| w == b" WARN ");
+                        if alarming && errors.len() < 5 {
                             errors.push(String::from_utf8_lossy(&line).into_owned());
                         }
                     }
@@ -797,17 +1086,126 @@ async fn worker_run(
                 errors
             })
         };
+        Ok(Worker {
+            child,
+            pid,
+            started,
+            metrics_addr: format!("127.0.0.1:{http_port}").parse()?,
+            consuming,
+            consuming_at,
+            log_task,
+        })
+    }
+
+    async fn wait_consuming(&self) -> Result<(), Error> {
+        tokio::time::timeout(Duration::from_secs(30), self.consuming.notified())
+            .await
+            .map_err(|_| "the worker did not start consuming within 30 s".into())
+    }
+
+    fn consuming_at(&self) -> Option<Instant> {
+        self.consuming_at.lock().ok().and_then(|at| *at)
+    }
+
+    async fn metrics(&self) -> Result<Metrics, Error> {
+        scrape(self.metrics_addr).await
+    }
+
+    /// SIGTERM, as an operator stops it; Err if it does not exit cleanly within 30 s.
+    async fn stop(mut self) -> Result<(), Error> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .map_err(|_| format!("worker {} did not exit within 30 s of SIGTERM", self.pid))??;
+        let errors = self.log_task.await.unwrap_or_default();
+        if !status.success() {
+            return Err(format!("the worker exited with {status}: {errors:?}").into());
+        }
+        Ok(())
+    }
+}
+
+/// Declares a fresh topology for one run and preloads `jobs` jobs; the retry queues' names are
+/// returned for the clean-up.
+async fn prepare(
+    options: &Options,
+    broker: &Connection,
+    tag: &str,
+    jobs: usize,
+    size: usize,
+) -> Result<(AmqpConfig, Vec<String>), Error> {
+    let amqp = AmqpConfig {
+        queue_type: options.queue_type,
+        ..names(tag)
+    };
+    let retry = RetryConfig::default();
+    let topology = Topology::new(&amqp, &Schedule::new(&retry));
+    let retry_queues: Vec<String> = topology
+        .retry_queues
+        .iter()
+        .map(|(_, name)| name.clone())
+        .collect();
+    let declared = async {
+        let channel = broker.create_channel().await?;
+        topology.declare(&channel).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        preload(broker, &amqp.queue, jobs, size).await
+    }
+    .await;
+    if let Err(e) = declared {
+        delete_queues(broker, &amqp, &retry_queues).await;
+        return Err(e);
+    }
+    Ok((amqp, retry_queues))
+}
+
+/// Jobs still ready in `queue`.
+async fn ready_jobs(broker: &Connection, queue: &str) -> Result<u32, Error> {
+    let channel = broker.create_channel().await?;
+    let ready = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    let _ = channel.close(200, "counted".into()).await;
+    Ok(ready)
+}
+
+async fn worker_run(
+    options: &Options,
+    broker: &Connection,
+    case: &Case,
+    sink_kind: &str,
+    round: usize,
+) -> Result<Sample, Error> {
+    let (amqp, retry_queues) = prepare(
+        options,
+        broker,
+        &format!("{}{round}", case.name),
+        case.jobs,
+        case.size,
+    )
+    .await?;
+    let result = async {
+        let mut sink = Sink::start(sink_kind, case.jobs, case.delay).await?;
+        let worker = Worker::spawn(options, &amqp, case.concurrency, sink.port())?;
         let expected_seconds = case.jobs as f64 / 200.0;
         let timeout = Duration::from_secs_f64(60.0 + expected_seconds);
-        tokio::time::timeout(Duration::from_secs(30), consuming.notified())
-            .await
-            .map_err(|_| "the worker did not start consuming within 30 s")?;
+        worker.wait_consuming().await?;
         sink.wait_all(case.jobs, timeout).await?;
         // All received: now every delivery must be acked (none ready, none unacked).
-        let metrics_addr = format!("127.0.0.1:{http_port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let metrics = scrape(metrics_addr).await?;
+            let metrics = worker.metrics().await?;
             let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
             let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
             if delivered >= case.jobs as f64 && in_flight == 0.0 {
@@ -822,10 +1220,10 @@ async fn worker_run(
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let seconds = started.elapsed().as_secs_f64();
-        let cpu = cpu_ms(pid);
-        let rss = peak_rss_mib(pid);
-        let metrics = scrape(metrics_addr).await?;
+        let seconds = worker.started.elapsed().as_secs_f64();
+        let cpu = cpu_ms(worker.pid);
+        let rss = peak_rss_mib(worker.pid);
+        let metrics = worker.metrics().await?;
         for (series, want) in [
             ("amqp_mailer_jobs_received_total", case.jobs as f64),
             ("amqp_mailer_jobs_delivered_total", case.jobs as f64),
@@ -838,51 +1236,23 @@ async fn worker_run(
             }
         }
         let delivered = [("outcome", "delivered")];
-        let sends = metric(
-            &metrics,
-            "amqp_mailer_smtp_send_duration_seconds_count",
-            &delivered,
-        );
-        let send_seconds = metric(
-            &metrics,
-            "amqp_mailer_smtp_send_duration_seconds_sum",
-            &delivered,
-        );
+        // Summed over relays: each series carries a relay label, so an exact lookup finds none.
+        let sends = metrics.sum("amqp_mailer_smtp_send_duration_seconds_count", &delivered);
+        let send_seconds = metrics.sum("amqp_mailer_smtp_send_duration_seconds_sum", &delivered);
         let smtp_send_ms = (sends > 0.0).then(|| 1000.0 * send_seconds / sends);
         let extra = sink.extra(case.jobs);
         if extra > 0 {
             return Err(format!("the sink received {extra} messages more than published").into());
         }
-        let ready = broker
-            .create_channel()
-            .await?
-            .queue_declare(
-                amqp.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
+        let ready = ready_jobs(broker, &amqp.queue).await?;
         if ready != 0 {
             return Err(format!("{ready} jobs still ready in the queue").into());
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-        let errors = log_task.await.unwrap_or_default();
-        if !status.success() {
-            return Err(format!("the worker exited with {status}: {errors:?}").into());
-        }
+        let start_to_consuming = worker
+            .consuming_at()
+            .map(|at| (at - worker.started).as_secs_f64() * 1000.0);
+        worker.stop().await?;
         sink.stop().await;
-        let start_to_consuming = consuming_at
-            .lock()
-            .ok()
-            .and_then(|at| at.map(|at| (at - started).as_secs_f64() * 1000.0));
         Ok(Sample {
             seconds,
             jobs_per_second: case.jobs as f64 / seconds,
@@ -908,16 +1278,24 @@ fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics.get(name, labels).unwrap_or(0.0)
 }
 
-/// Postfix's smtp-source sending the same number and size of messages with C sessions.
-async fn smtp_source_run(case: &Case, sink_kind: &str) -> Result<Sample, Error> {
-    let mut sink = Sink::start(sink_kind, case.jobs, case.delay).await?;
+/// Postfix's smtp-source sending `jobs` messages of the case's size over `sessions` sessions.
+/// Timed from its start, or (`sink_timed`, the own sink only) as the scale-out runs are: from
+/// the first message to the last.
+async fn smtp_source_run(
+    case: &Case,
+    sink_kind: &str,
+    sessions: usize,
+    jobs: usize,
+    sink_timed: bool,
+) -> Result<Sample, Error> {
+    let mut sink = Sink::start(sink_kind, jobs, case.delay).await?;
     let started = Instant::now();
     let status = Command::new("smtp-source")
         .args([
             "-s",
-            &case.concurrency.to_string(),
+            &sessions.to_string(),
             "-m",
-            &case.jobs.to_string(),
+            &jobs.to_string(),
             "-l",
             &case.size.to_string(),
             "-f",
@@ -935,26 +1313,35 @@ async fn smtp_source_run(case: &Case, sink_kind: &str) -> Result<Sample, Error> 
     if !status.success() {
         return Err(format!("smtp-source failed: {status}").into());
     }
-    sink.wait_all(case.jobs, Duration::from_secs(30)).await?;
-    let seconds = started.elapsed().as_secs_f64();
+    sink.wait_all(jobs, Duration::from_secs(30)).await?;
+    let mut seconds = started.elapsed().as_secs_f64();
+    if sink_timed {
+        let (first, last) = sink
+            .window()
+            .ok_or("the sink did not time the run (only the own sink does)")?;
+        seconds = between(&first, &last).seconds;
+    }
     sink.stop().await;
     Ok(Sample {
         seconds,
-        jobs_per_second: case.jobs as f64 / seconds,
+        jobs_per_second: jobs as f64 / seconds,
         ..Sample::default()
     })
 }
 
-/// A consumer that only acks, with the same prefetch: the broker's own limit.
+/// `consumers` consumers that only ack, each on its own connection with the case's prefetch,
+/// sharing `jobs` jobs: the broker's own limit.
 async fn ack_only_run(
     options: &Options,
     broker: &Connection,
     case: &Case,
+    jobs: usize,
+    consumers: u16,
     round: usize,
 ) -> Result<Sample, Error> {
     let amqp = AmqpConfig {
         queue_type: options.queue_type,
-        ..names(&format!("ack{}{round}", case.name))
+        ..names(&format!("ack{}{round}x{consumers}", case.name))
     };
     let channel = broker.create_channel().await?;
     let mut args = FieldTable::default();
@@ -975,37 +1362,67 @@ async fn ack_only_run(
         )
         .await?;
     let result = async {
-        preload(broker, &amqp.queue, case.jobs, case.size).await?;
-        // Its own connection, as a worker would have.
-        let connection =
-            Connection::connect(&options.amqp_url, ConnectionProperties::default()).await?;
-        let consume = connection.create_channel().await?;
-        consume
-            .basic_qos(case.concurrency, BasicQosOptions::default())
-            .await?;
-        let started = Instant::now();
-        let mut consumer = consume
-            .basic_consume(
-                amqp.queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut acked = 0;
-        while acked < case.jobs {
-            let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-                .await
-                .map_err(|_| "ack-only consumer starved")?
-                .ok_or("consumer closed")??;
-            delivery.ack(BasicAckOptions::default()).await?;
-            acked += 1;
+        preload(broker, &amqp.queue, jobs, case.size).await?;
+        // Each its own connection, as a worker would have.
+        let mut channels = Vec::new();
+        for _ in 0..consumers {
+            let connection =
+                Connection::connect(&options.amqp_url, ConnectionProperties::default()).await?;
+            let consume = connection.create_channel().await?;
+            consume
+                .basic_qos(case.concurrency, BasicQosOptions::default())
+                .await?;
+            channels.push((connection, consume));
         }
+        let acked = Arc::new(AtomicU64::new(0));
+        let all_acked = tokio_util::sync::CancellationToken::new();
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (_, consume) in &channels {
+            let mut consumer = consume
+                .basic_consume(
+                    amqp.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let (acked, all_acked) = (acked.clone(), all_acked.clone());
+            tasks.spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        next = consumer.next() => next,
+                        // Another consumer acked the last job: this one may wait for ever.
+                        () = all_acked.cancelled() => return Ok::<(), Error>(()),
+                    };
+                    let delivery = next.ok_or("consumer closed")??;
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    if acked.fetch_add(1, Ordering::SeqCst) + 1 >= jobs as u64 {
+                        all_acked.cancel();
+                    }
+                }
+            });
+        }
+        tokio::time::timeout(Duration::from_secs(30 + jobs as u64 / 1000), async {
+            while let Some(done) = tasks.join_next().await {
+                done.map_err(|e| format!("ack-only consumer: {e}"))??;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|_| {
+            format!(
+                "ack-only consumers starved: {} of {jobs} acked",
+                acked.load(Ordering::SeqCst)
+            )
+        })??;
         let seconds = started.elapsed().as_secs_f64();
-        let _ = connection.close(200, "bye".into()).await;
+        for (connection, _) in channels {
+            let _ = connection.close(200, "bye".into()).await;
+        }
         Ok::<_, Error>(Sample {
             seconds,
-            jobs_per_second: case.jobs as f64 / seconds,
+            jobs_per_second: jobs as f64 / seconds,
             ..Sample::default()
         })
     }
@@ -1014,4 +1431,385 @@ async fn ack_only_run(
         .queue_delete(amqp.queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     result
+}
+
+/// One scale-out run: `instances` worker processes on one queue.
+#[derive(Debug, Clone, Default)]
+struct ScaleSample {
+    /// From the sink's first MAIL to its reply to the last job.
+    seconds: f64,
+    jobs_per_second: f64,
+    /// All instances' CPU time (start-up included) per 1,000 jobs.
+    cpu_ms_per_1000: Option<f64>,
+    /// The largest instance's peak RSS.
+    peak_rss_mib: Option<f64>,
+    /// Jobs delivered by the instance that delivered fewest, and by the one that delivered most.
+    jobs_per_instance: (f64, f64),
+    /// Where the cores went during the window.
+    cores: Cores,
+    /// Mean time of one SMTP send over all instances: the relay delay plus the round trips
+    /// and waits on a busy machine. A slot's round is this plus the settle and the next
+    /// delivery, so the two together say whether the relay side or the broker side grew.
+    smtp_send_ms: Option<f64>,
+    /// From the first instance consuming to the last.
+    consuming_spread_ms: Option<f64>,
+}
+
+/// Cores busy during a run (1.0 is one core all the time): the whole machine, and the parts
+/// of it the benchmark knows.
+#[derive(Debug, Clone, Default)]
+struct Cores {
+    machine: Option<f64>,
+    workers: Option<f64>,
+    broker: Option<f64>,
+    sink: Option<f64>,
+}
+
+impl Cores {
+    /// The machine's busy cores, and what the workers, broker, sink and everything else took:
+    /// the rest is other processes (and the kernel's work not charged to a process).
+    fn describe(&self) -> String {
+        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let rest = match (self.machine, self.workers, self.broker, self.sink) {
+            (Some(m), Some(w), Some(b), Some(s)) => Some(m - w - b - s),
+            _ => None,
+        };
+        format!(
+            "{} ({} / {} / {} / {})",
+            show(self.machine),
+            show(self.workers),
+            show(self.broker),
+            show(self.sink),
+            show(rest)
+        )
+    }
+
+    fn median(samples: &[ScaleSample]) -> Cores {
+        let of = |pick: fn(&Cores) -> Option<f64>| {
+            let values: Vec<f64> = samples.iter().filter_map(|s| pick(&s.cores)).collect();
+            (!values.is_empty()).then(|| median(values.into_iter()))
+        };
+        Cores {
+            machine: of(|c| c.machine),
+            workers: of(|c| c.workers),
+            broker: of(|c| c.broker),
+            sink: of(|c| c.sink),
+        }
+    }
+}
+
+/// A row of the scale-out table: one case at one instance count, over the repeats.
+struct ScaleRow {
+    case: Case,
+    instances: u16,
+    jobs: usize,
+    runs: Vec<ScaleSample>,
+    source: Vec<Sample>,
+    ack_only: Vec<Sample>,
+}
+
+/// The scale-out table's rows for `case`: each instance count in turn within a repeat, so that
+/// a drift of the shared machine weighs on every count alike.
+async fn scale_out(
+    options: &Options,
+    broker: &Connection,
+    case: &Case,
+) -> Result<Vec<ScaleRow>, Error> {
+    let mut rows: Vec<ScaleRow> = options
+        .instances
+        .iter()
+        .map(|&instances| ScaleRow {
+            case: case.clone(),
+            instances,
+            jobs: options.scale_jobs(case, instances),
+            runs: Vec::new(),
+            source: Vec::new(),
+            ack_only: Vec::new(),
+        })
+        .collect();
+    println!();
+    println!(
+        "scale-out, case {}: {} worker processes of {} on one queue, C={} each, relay delay {} ms, own sink",
+        case.name,
+        options
+            .instances
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        options.binary,
+        case.concurrency,
+        case.delay.as_millis()
+    );
+    for row in &rows {
+        let slots = usize::from(row.instances) * usize::from(case.concurrency);
+        let rounds = row.jobs as f64 / slots as f64;
+        println!(
+            "  {} instance(s): {} jobs for {slots} slots = {rounds:.0} rounds per slot; {}",
+            row.instances,
+            row.jobs,
+            if rounds >= ROUNDS_PER_SLOT as f64 {
+                "the ramp and the drain (at most a round each) are about 1 % of the run: a fair measure"
+                    .to_string()
+            } else {
+                format!(
+                    "fewer than {ROUNDS_PER_SLOT}: the ramp and the drain weigh more, so this is a check, not a measure"
+                )
+            }
+        );
+    }
+    println!(
+        "  timed from the sink's first MAIL to its reply to the last job (process start and connecting left out)"
+    );
+    for round in 1..=options.repeat {
+        for row in &mut rows {
+            let sample = scale_run(options, broker, case, row.instances, row.jobs, round).await?;
+            print_scale_line(row, &sample);
+            row.runs.push(sample);
+            if options.ceilings {
+                let sessions = usize::from(row.instances) * usize::from(case.concurrency);
+                let source = smtp_source_run(case, "own", sessions, row.jobs, true).await?;
+                println!(
+                    "  smtp-source sessions={sessions}: {:.2} s, {:.0} msgs/s",
+                    source.seconds, source.jobs_per_second
+                );
+                row.source.push(source);
+                let ack_only =
+                    ack_only_run(options, broker, case, row.jobs, row.instances, round).await?;
+                println!(
+                    "  ack-only    consumers={}: {:.2} s, {:.0} jobs/s",
+                    row.instances, ack_only.seconds, ack_only.jobs_per_second
+                );
+                row.ack_only.push(ack_only);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn print_scale_line(row: &ScaleRow, s: &ScaleSample) {
+    let mut line = format!(
+        "scale-out   case={} instances={} jobs={} C={}x{} delay={}ms: {:.2} s, {:.0} jobs/s, jobs per instance {:.0}–{:.0}",
+        row.case.name,
+        row.instances,
+        row.jobs,
+        row.instances,
+        row.case.concurrency,
+        row.case.delay.as_millis(),
+        s.seconds,
+        s.jobs_per_second,
+        s.jobs_per_instance.0,
+        s.jobs_per_instance.1,
+    );
+    if let Some(cpu) = s.cpu_ms_per_1000 {
+        line += &format!(", CPU {cpu:.0} ms/1000 jobs");
+    }
+    if let Some(rss) = s.peak_rss_mib {
+        line += &format!(", peak RSS {rss:.1} MiB (largest instance)");
+    }
+    line += &format!(
+        ", cores busy {} (all (workers / broker / sink / rest))",
+        s.cores.describe()
+    );
+    if let Some(send) = s.smtp_send_ms {
+        line += &format!(", mean SMTP send {send:.1} ms");
+    }
+    if let Some(spread) = s.consuming_spread_ms {
+        line += &format!(", all consuming within {spread:.0} ms");
+    }
+    println!("{line}");
+}
+
+/// `instances` workers on one freshly preloaded queue, into one own sink.
+async fn scale_run(
+    options: &Options,
+    broker: &Connection,
+    case: &Case,
+    instances: u16,
+    jobs: usize,
+    round: usize,
+) -> Result<ScaleSample, Error> {
+    let (amqp, retry_queues) = prepare(
+        options,
+        broker,
+        &format!("scale{}{round}x{instances}", case.name),
+        jobs,
+        case.size,
+    )
+    .await?;
+    let result = async {
+        // The own sink: its listener's backlog (4096) and a task per session take the
+        // instances × C sessions at once, and it times the run.
+        let mut sink = Sink::start("own", jobs, case.delay).await?;
+        let broker_pid = local_broker_port(&options.amqp_url).and_then(listener_pid);
+        let mut workers = Vec::new();
+        for _ in 0..instances {
+            workers.push(Worker::spawn(options, &amqp, case.concurrency, sink.port())?);
+        }
+        sink.watch(
+            workers
+                .iter()
+                .map(|w| w.pid)
+                .chain(broker_pid)
+                .collect(),
+        );
+        for worker in &workers {
+            worker.wait_consuming().await?;
+        }
+        let timeout = Duration::from_secs_f64(60.0 + jobs as f64 / 200.0);
+        sink.wait_all(jobs, timeout).await?;
+        // All received: every delivery must be acked, by some instance, exactly once.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let delivered = loop {
+            let mut delivered = Vec::new();
+            let mut in_flight = 0.0;
+            for worker in &workers {
+                let metrics = worker.metrics().await?;
+                delivered.push(metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]));
+                in_flight += metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
+            }
+            let total: f64 = delivered.iter().sum();
+            if total >= jobs as f64 && in_flight == 0.0 {
+                break delivered;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the sink got all messages but the workers settled only {total} of {jobs}"
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let (mut received, mut sends, mut send_seconds) = (0.0, 0.0, 0.0);
+        let outcome = [("outcome", "delivered")];
+        for worker in &workers {
+            let metrics = worker.metrics().await?;
+            received += metric(&metrics, "amqp_mailer_jobs_received_total", &[]);
+            // Summed over relays, as in worker_run.
+            sends += metrics.sum("amqp_mailer_smtp_send_duration_seconds_count", &outcome);
+            send_seconds += metrics.sum("amqp_mailer_smtp_send_duration_seconds_sum", &outcome);
+        }
+        let total: f64 = delivered.iter().sum();
+        if received != jobs as f64 || total != jobs as f64 {
+            return Err(format!(
+                "the workers received {received} and delivered {total} of {jobs} jobs: retries or duplicates"
+            )
+            .into());
+        }
+        let extra = sink.extra(jobs);
+        if extra > 0 {
+            return Err(format!("the sink received {extra} messages more than published").into());
+        }
+        let ready = ready_jobs(broker, &amqp.queue).await?;
+        if ready != 0 {
+            return Err(format!("{ready} jobs still ready in the queue").into());
+        }
+        let (first, last) = sink
+            .window()
+            .ok_or("the sink did not see the first or the last message")?;
+        let usage = between(&first, &last);
+        let seconds = usage.seconds;
+        let worker_cores: Option<f64> = usage.watched[..workers.len()].iter().copied().sum();
+        let cores = Cores {
+            machine: usage.machine,
+            workers: worker_cores,
+            broker: broker_pid.and(usage.watched.get(workers.len()).copied().flatten()),
+            sink: usage.own,
+        };
+        let cpu: Option<f64> = workers.iter().map(|w| cpu_ms(w.pid)).sum();
+        let rss = workers
+            .iter()
+            .filter_map(|w| peak_rss_mib(w.pid))
+            .reduce(f64::max);
+        let consuming: Option<Vec<Instant>> = workers.iter().map(Worker::consuming_at).collect();
+        let consuming_spread_ms = consuming.and_then(|at| {
+            let earliest = at.iter().min()?;
+            let latest = at.iter().max()?;
+            Some((*latest - *earliest).as_secs_f64() * 1000.0)
+        });
+        for worker in workers {
+            worker.stop().await?;
+        }
+        sink.stop().await;
+        let fewest = delivered.iter().copied().reduce(f64::min).unwrap_or(0.0);
+        let most = delivered.iter().copied().reduce(f64::max).unwrap_or(0.0);
+        Ok(ScaleSample {
+            seconds,
+            jobs_per_second: jobs as f64 / seconds,
+            cpu_ms_per_1000: cpu.map(|ms| ms * 1000.0 / jobs as f64),
+            peak_rss_mib: rss,
+            jobs_per_instance: (fewest, most),
+            cores,
+            smtp_send_ms: (sends > 0.0).then(|| 1000.0 * send_seconds / sends),
+            consuming_spread_ms,
+        })
+    }
+    .await;
+    delete_queues(broker, &amqp, &retry_queues).await;
+    result
+}
+
+fn print_scale_table(options: &Options, cases: &[Vec<ScaleRow>]) {
+    println!();
+    println!(
+        "scale-out, medians of {} run(s), {} queues ({} cores shared by broker, sink and workers); jobs/s from the first message to the last:",
+        options.repeat,
+        queue_type_name(options.queue_type),
+        cores()
+    );
+    println!(
+        "| case | instances | jobs | C per instance | relay delay | jobs/s | × 1 instance | % of n·C/delay | CPU ms / 1,000 jobs | peak RSS per instance | jobs per instance | mean SMTP send | cores busy: all (workers / broker / sink / rest) | smtp-source msgs/s (n·C sessions) | ack-only jobs/s (n consumers) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for rows in cases {
+        let one = rows
+            .iter()
+            .find(|row| row.instances == 1)
+            .map(|row| median(row.runs.iter().map(|s| s.jobs_per_second)));
+        for row in rows {
+            let rate = median(row.runs.iter().map(|s| s.jobs_per_second));
+            let ratio = one.map_or("-".to_string(), |one| format!("{:.2}x", rate / one));
+            let ideal = if row.case.delay.is_zero() {
+                "-".to_string()
+            } else {
+                let ideal = f64::from(row.instances) * f64::from(row.case.concurrency)
+                    / row.case.delay.as_secs_f64();
+                format!("{:.0} %", 100.0 * rate / ideal)
+            };
+            let fewest = row
+                .runs
+                .iter()
+                .map(|s| s.jobs_per_instance.0)
+                .reduce(f64::min)
+                .unwrap_or(0.0);
+            let most = row
+                .runs
+                .iter()
+                .map(|s| s.jobs_per_instance.1)
+                .reduce(f64::max)
+                .unwrap_or(0.0);
+            let ceiling = |samples: &[Sample]| {
+                if samples.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", median(samples.iter().map(|s| s.jobs_per_second)))
+                }
+            };
+            println!(
+                "| {} (own sink) | {} | {} | {} | {} ms | {:.0} | {ratio} | {ideal} | {:.0} | {:.1} MiB | {fewest:.0}–{most:.0} | {:.1} ms | {} | {} | {} |",
+                row.case.name,
+                row.instances,
+                row.jobs,
+                row.case.concurrency,
+                row.case.delay.as_millis(),
+                rate,
+                median(row.runs.iter().filter_map(|s| s.cpu_ms_per_1000)),
+                median(row.runs.iter().filter_map(|s| s.peak_rss_mib)),
+                median(row.runs.iter().filter_map(|s| s.smtp_send_ms)),
+                Cores::median(&row.runs).describe(),
+                ceiling(&row.source),
+                ceiling(&row.ack_only),
+            );
+        }
+    }
 }
