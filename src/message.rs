@@ -179,6 +179,17 @@ fn fitted(name: HeaderName, value: &str) -> HeaderValue {
     if value.is_ascii() && name.len() + ": ".len() + value.len() <= MAX_LINE {
         return HeaderValue::new(name, value.to_string());
     }
+    // lettre encodes each non-ASCII word on its own and writes the whitespace between them as
+    // is; between two encoded words a reader drops it, so a run of more than one space (or a
+    // tab) was lost whole (`–  a你好` read as `–a你好`). Encoded whole, the whitespace travels
+    // inside the encoded text.
+    if !value.is_ascii() && (value.contains("  ") || value.contains('\t')) {
+        return HeaderValue::dangerous_new_pre_encoded(
+            name,
+            value.to_string(),
+            encoded_words(value),
+        );
+    }
     let encoded = HeaderValue::new(name.clone(), value.to_string());
     let mut headers = Headers::new();
     headers.insert_raw(encoded.clone());
@@ -519,6 +530,20 @@ mod tests {
             .expect("parses");
         assert_eq!(parsed.subject(), Some(subject));
         assert!(parsed.bcc().is_none());
+    }
+
+    /// Found by the fuzzer: lettre wrote the two spaces between two encoded words, where a
+    /// reader drops them.
+    #[test]
+    fn spaces_between_non_ascii_words_survive() {
+        for subject in ["Grüße –  a你好 📧", "ü\tü", "a  ü   b"] {
+            let json = serde_json::json!({"to": "a@b.example", "subject": subject, "text": "t"});
+            let out = build_json(&json.to_string());
+            let parsed = mail_parser::MessageParser::default()
+                .parse(&out.bytes)
+                .expect("parses");
+            assert_eq!(parsed.subject(), Some(subject));
+        }
     }
 
     #[test]
