@@ -105,11 +105,6 @@ pub async fn run(
 
     // Background tasks end with `background`, after the drain.
     let background = CancellationToken::new();
-    tokio::spawn(follow_broker_blocking(
-        ctx.publisher.blocked(),
-        metrics.clone(),
-        background.clone(),
-    ));
     if let Some(addr) = config.http.listen {
         let listener = http::bind(addr)
             .await
@@ -120,10 +115,6 @@ pub async fn run(
             status: status.clone(),
             metrics: metrics.clone(),
             relay_auth_failing: Box::new(move || relay_ctx.relays.auth_failing()),
-            broker_blocked: {
-                let blocked = ctx.publisher.blocked();
-                Box::new(move || blocked.borrow().clone())
-            },
         });
         tokio::spawn(http::serve(listener, health, background.clone()));
     }
@@ -162,41 +153,4 @@ pub async fn run(
     ctx.relays.close().await;
     background.cancel();
     result
-}
-
-/// Says once when the broker starts and stops blocking our publishing connection (a memory or
-/// disk alarm), and mirrors it in `broker_blocked`.
-async fn follow_broker_blocking(
-    mut blocked: tokio::sync::watch::Receiver<Option<String>>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    let mut since: Option<tokio::time::Instant> = None;
-    loop {
-        let reason = blocked.borrow_and_update().clone();
-        match (reason, since) {
-            (Some(reason), None) => {
-                tracing::warn!(
-                    %reason,
-                    "the broker blocks publishing: retries and dead letters wait for it, and \
-                     their jobs stay unacked until it is lifted"
-                );
-                metrics.broker_blocked.set(1);
-                since = Some(tokio::time::Instant::now());
-            }
-            (None, Some(start)) => {
-                tracing::info!(
-                    blocked_for = ?start.elapsed(),
-                    "the broker accepts publishing again"
-                );
-                metrics.broker_blocked.set(0);
-                since = None;
-            }
-            _ => {}
-        }
-        tokio::select! {
-            changed = blocked.changed() => if changed.is_err() { return },
-            () = stop.cancelled() => return,
-        }
-    }
 }

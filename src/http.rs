@@ -22,8 +22,6 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
     /// Whether the relay is refusing our authentication.
     pub relay_auth_failing: Box<dyn Fn() -> bool + Send + Sync>,
-    /// The broker's reason while it blocks our publishing connection.
-    pub broker_blocked: Box<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 /// Binds the listener; an address in use is a start-up error, not a silent loss of health checks.
@@ -63,10 +61,7 @@ fn route(health: &Health, request: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match health
-            .status
-            .readiness((health.relay_auth_failing)(), (health.broker_blocked)())
-        {
+        "/readyz" => match health.status.readiness((health.relay_auth_failing)()) {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },

@@ -58,19 +58,10 @@ impl Status {
         self.lock().0
     }
 
-    /// `Ok` while ready to take jobs; otherwise why not, in a few words. `broker_blocked`: the
-    /// broker's reason while it blocks our publishing.
-    pub fn readiness(
-        &self,
-        relay_auth_failing: bool,
-        broker_blocked: Option<String>,
-    ) -> Result<(), String> {
+    /// `Ok` while ready to take jobs; otherwise why not, in a few words.
+    pub fn readiness(&self, relay_auth_failing: bool) -> Result<(), String> {
         let (phase, detail) = self.lock().clone();
         match phase {
-            Phase::Consuming if broker_blocked.is_some() => Err(format!(
-                "the broker blocks publishing ({}): retries and dead letters wait",
-                broker_blocked.unwrap_or_default()
-            )),
             Phase::Consuming if relay_auth_failing => Err(
                 "relay authentication failing: check smtp.username and the password".to_string(),
             ),

@@ -6,15 +6,12 @@ mod tls;
 mod topology;
 
 use std::str::FromStr as _;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
-
-use futures_util::StreamExt as _;
-use tokio::sync::watch;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::LongString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::config::{AmqpConfig, ConfigError, redact_url};
 
@@ -139,9 +136,6 @@ pub enum PublishError {
 pub struct Publisher {
     channel: RwLock<Option<Channel>>,
     timeout: Duration,
-    /// `Some(reason)` while the broker blocks the publishing connection (`connection.blocked`:
-    /// a memory or disk alarm).
-    blocked: Arc<watch::Sender<Option<String>>>,
 }
 
 impl Publisher {
@@ -149,43 +143,17 @@ impl Publisher {
         Self {
             channel: RwLock::new(None),
             timeout,
-            blocked: Arc::new(watch::channel(None).0),
         }
     }
 
-    /// Opens a confirm-mode channel on `connection` and publishes through it from now on, and
-    /// follows whether the broker blocks that connection.
+    /// Opens a confirm-mode channel on `connection` and publishes through it from now on.
     pub async fn attach(&self, connection: &Connection) -> lapin::Result<()> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        // A new connection starts unblocked; the broker says so if it is not.
-        self.blocked.send_replace(None);
-        let blocked = self.blocked.clone();
-        let mut events = connection.events_listener();
-        let channel_id = channel.id();
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    Event::ConnectionBlocked(reason) => {
-                        blocked.send_replace(Some(reason));
-                    }
-                    Event::ConnectionUnblocked => {
-                        blocked.send_replace(None);
-                    }
-                    _ => {}
-                }
-            }
-            tracing::trace!(channel_id, "publishing connection's events ended");
-        });
         *self.write() = Some(channel);
         Ok(())
-    }
-
-    /// Follows the broker's blocking of the publishing connection: `Some(reason)` while blocked.
-    pub fn blocked(&self) -> watch::Receiver<Option<String>> {
-        self.blocked.subscribe()
     }
 
     pub fn detach(&self) -> Option<Channel> {
@@ -215,7 +183,6 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let channel = self.current().ok_or(PublishError::NotConnected)?;
-        let mut blocked = self.blocked.subscribe();
         let confirm = async {
             let confirm = channel
                 .basic_publish(
@@ -231,39 +198,19 @@ impl Publisher {
                 .await?;
             confirm.await
         };
-        let mut confirm = std::pin::pin!(confirm);
-        // While the broker blocks the connection, a confirm that has not come is no failure: the
-        // message waits in the broker's socket or in ours and may still be stored, so the job
-        // must not be handed back. The wait for a confirm starts again whenever the broker
-        // blocks or unblocks.
-        let outcome = loop {
-            let is_blocked = blocked.borrow_and_update().is_some();
-            let deadline = async {
-                if is_blocked {
-                    std::future::pending::<()>().await;
-                } else {
-                    tokio::time::sleep(self.timeout).await;
-                }
-            };
-            tokio::select! {
-                outcome = &mut confirm => break Some(outcome),
-                changed = blocked.changed() => if changed.is_err() { break None },
-                () = deadline => break None,
-            }
-        };
-        match outcome {
-            None => Err(PublishError::Timeout(self.timeout)),
-            Some(Err(e)) => Err(PublishError::Broker(e)),
+        match tokio::time::timeout(self.timeout, confirm).await {
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(PublishError::Broker(e)),
             // A mandatory publish that could not be routed is returned, then acked: not stored.
-            Some(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Returned(
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Returned(
                 routing_key.to_string(),
                 returned.reply_text.to_string(),
             )),
-            Some(Ok(Confirmation::Ack(None))) => Ok(()),
-            Some(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
             // confirm_select was done on this channel; reaching this would be a bug, and an
             // unconfirmed publish must never be taken as stored.
-            Some(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         }
     }
 }

@@ -170,8 +170,7 @@ pub struct AmqpConfig {
     pub dead_letter_queue: String,
     /// `classic` or `quorum` (default). Applies to every queue the worker declares.
     pub queue_type: QueueType,
-    /// How long to wait for the broker to confirm a publish (retry or dead letter); while the
-    /// broker blocks publishing (`connection.blocked`) the wait goes on. Default `10s`.
+    /// How long to wait for the broker to confirm a publish (retry or dead letter). Default `10s`.
     #[serde(with = "duration")]
     pub publish_timeout: Duration,
     /// Name shown for the worker's connections in the management UI and `rabbitmqctl`.
