@@ -15,7 +15,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Queu
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 
-use super::ToolError;
+use super::{ToolError, connect};
 use crate::amqp::{self, Publisher, header_text, replay_properties};
 use crate::config::{Config, duration};
 use crate::policy::ErrorKind;
@@ -374,15 +374,6 @@ pub async fn replay(
     let result = result.await;
     let _ = connection.close(200, "bye".into()).await;
     result
-}
-
-async fn connect(config: &Config, role: &str) -> Result<Connection, ToolError> {
-    amqp::Broker::new(&config.amqp)
-        .map_err(|e| ToolError::Broker(e.to_string()))?
-        .connect_first(0, role)
-        .await
-        .map(|(connection, _)| connection)
-        .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
 }
 
 /// Reads the dead letters present when it started, holding them unacked.

@@ -37,3 +37,16 @@ impl ToolError {
         }
     }
 }
+
+/// A tool's connection, to the first broker of `amqp.url` that answers, named `<name>.<role>`.
+async fn connect(
+    config: &crate::config::Config,
+    role: &str,
+) -> Result<lapin::Connection, ToolError> {
+    crate::amqp::Broker::new(&config.amqp)
+        .map_err(|e| ToolError::Broker(e.to_string()))?
+        .connect_first(0, role)
+        .await
+        .map(|(connection, _)| connection)
+        .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
+}

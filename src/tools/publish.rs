@@ -7,7 +7,7 @@ use base64::Engine as _;
 use lapin::BasicProperties;
 use serde_json::{Map, Value, json};
 
-use super::ToolError;
+use super::{ToolError, connect};
 use crate::amqp::{self, Publisher};
 use crate::config::Config;
 use crate::job;
@@ -71,12 +71,7 @@ pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolE
     // The worker would dead-letter an invalid job; better to say so here and publish nothing.
     job::decode(&body, &config.job_limits()).map_err(|e| ToolError::InvalidJob(e.to_string()))?;
 
-    let connection = amqp::Broker::new(&config.amqp)
-        .map_err(|e| ToolError::Broker(e.to_string()))?
-        .connect_first(0, "publish-cli")
-        .await
-        .map(|(connection, _)| connection)
-        .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))?;
+    let connection = connect(config, "publish-cli").await?;
     let publisher = Publisher::new(config.amqp.publish_timeout);
     publisher
         .attach(&connection)
