@@ -115,6 +115,10 @@ pub async fn run(
             status: status.clone(),
             metrics: metrics.clone(),
             relay_auth_failing: Box::new(move || relay_ctx.relays.auth_failing()),
+            broker_blocked: {
+                let ctx = ctx.clone();
+                Box::new(move || ctx.publisher.blocked())
+            },
         });
         tokio::spawn(http::serve(listener, health, background.clone()));
     }

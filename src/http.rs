@@ -22,6 +22,8 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
     /// Whether the relay is refusing our authentication.
     pub relay_auth_failing: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Whether the broker blocks our publishing connection (a memory or disk alarm).
+    pub broker_blocked: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// Binds the listener; an address in use is a start-up error, not a silent loss of health checks.
@@ -61,11 +63,19 @@ fn route(health: &Health, request: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match health.status.readiness((health.relay_auth_failing)()) {
+        "/readyz" => match health
+            .status
+            .readiness((health.relay_auth_failing)(), (health.broker_blocked)())
+        {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },
         "/metrics" => {
+            // Read at each scrape: lapin keeps the state, nothing needs to follow it.
+            health
+                .metrics
+                .broker_blocked
+                .set(i64::from((health.broker_blocked)()));
             let mut response = text(StatusCode::OK, health.metrics.encode());
             if let Ok(value) = "text/plain; version=0.0.4; charset=utf-8".parse() {
                 response

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub recipients_refused: Family<KindLabel, Counter>,
     pub jobs_ambiguous: Counter,
     pub broker_connected: Gauge,
+    pub broker_blocked: Gauge,
     pub possible_duplicates: Counter,
     pub jobs_redelivered: Counter,
     pub duplicates_avoided: Counter,
@@ -193,6 +194,13 @@ impl Metrics {
             "1 while connected to the broker and consuming, else 0",
             broker_connected.clone(),
         );
+        let broker_blocked = Gauge::default();
+        registry.register(
+            "broker_blocked",
+            "1 while the broker blocks the publishing connection (connection.blocked: a memory or \
+             disk alarm); retries and dead letters wait for it",
+            broker_blocked.clone(),
+        );
         let possible_duplicates = Counter::default();
         registry.register(
             "possible_duplicates",
@@ -238,6 +246,7 @@ impl Metrics {
             recipients_refused,
             jobs_ambiguous,
             broker_connected,
+            broker_blocked,
             possible_duplicates,
             jobs_redelivered,
             duplicates_avoided,

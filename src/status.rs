@@ -58,10 +58,16 @@ impl Status {
         self.lock().0
     }
 
-    /// `Ok` while ready to take jobs; otherwise why not, in a few words.
-    pub fn readiness(&self, relay_auth_failing: bool) -> Result<(), String> {
+    /// `Ok` while ready to take jobs; otherwise why not, in a few words. `broker_blocked`: the
+    /// broker blocks our publishing (a memory or disk alarm).
+    pub fn readiness(&self, relay_auth_failing: bool, broker_blocked: bool) -> Result<(), String> {
         let (phase, detail) = self.lock().clone();
         match phase {
+            Phase::Consuming if broker_blocked => Err(
+                "the broker blocks publishing (a memory or disk alarm): retries and dead letters \
+                 wait"
+                    .to_string(),
+            ),
             Phase::Consuming if relay_auth_failing => Err(
                 "relay authentication failing: check smtp.username and the password".to_string(),
             ),

@@ -22,7 +22,7 @@ use testkit::broker::{
 use testkit::cluster::{self, DownNode};
 use testkit::metrics::metric;
 use testkit::process::{WorkerProcess, free_port, worker_env};
-use testkit::smtp::SmtpServer;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
 use testkit::worker::job;
 
 /// The tests stop nodes of the one cluster: one at a time.
@@ -48,6 +48,17 @@ fn start_worker(
     urls: &[String; 3],
     order: [usize; 3],
 ) -> (WorkerProcess, SocketAddr) {
+    start_worker_with(broker, smtp, urls, order, [])
+}
+
+/// [`start_worker`] with `extra` settings.
+fn start_worker_with(
+    broker: &Broker,
+    smtp: &SmtpServer,
+    urls: &[String; 3],
+    order: [usize; 3],
+    extra: impl IntoIterator<Item = (&'static str, String)>,
+) -> (WorkerProcess, SocketAddr) {
     let names = &broker.names;
     broker.also_delete([format!("{}10s", names.retry_prefix)]);
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -60,6 +71,7 @@ fn start_worker(
         ("AMQP_MAILER_SMTP__FROM", "cluster@example.com".into()),
         ("AMQP_MAILER_HTTP__LISTEN", http.to_string()),
     ]);
+    env.extend(extra);
     (WorkerProcess::start(&["run"], &env), http)
 }
 
@@ -667,5 +679,168 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
          {delivered_before} of {JOBS} delivered before the stop; {}",
         node_in(&again, urls).unwrap_or_default(),
         end.counted()
+    );
+}
+
+/// A memory alarm on node 1, which blocks publishing on the whole cluster; lifted when dropped
+/// (the test ended, or failed).
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    fn set_watermark(value: &str) {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "-n",
+                "hare1@localhost",
+                "set_vm_memory_high_watermark",
+            ])
+            .args(value.split(' '))
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl set_vm_memory_high_watermark {value}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Sets the alarm, and returns once a connection that publishes is blocked by it.
+    async fn raise(probe: &lapin::Connection) -> Self {
+        tokio::task::spawn_blocking(|| Self::set_watermark("absolute 1"))
+            .await
+            .expect("rabbitmqctl");
+        let alarm = Self;
+        // The broker raises the alarm at its memory monitor's next check, and blocks a
+        // connection when it next publishes: publish until the probe is told it is blocked.
+        let channel = probe.create_channel().await.expect("probe channel");
+        let mut events = probe.events_listener();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let _ = channel
+                .basic_publish(
+                    "".into(),
+                    "amqp-mailer.test.nowhere".into(),
+                    BasicPublishOptions::default(),
+                    b"probe",
+                    BasicProperties::default(),
+                )
+                .await;
+            let blocked = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Some(event) = futures_util::StreamExt::next(&mut events).await {
+                    if matches!(event, lapin::Event::ConnectionBlocked(_)) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if blocked == Ok(true) {
+                return alarm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the memory alarm did not block publishing within {WAIT:?}"
+            );
+        }
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        // From a thread of its own: this may run inside a runtime, during a panic.
+        let _ = std::thread::spawn(|| Self::set_watermark("0.4")).join();
+    }
+}
+
+/// The broker blocks publishing (a memory alarm) while every job in flight needs a retry: the
+/// worker waits for the confirms as long as the broker says it is blocked, well past
+/// `amqp.publish_timeout`, says so once in the log, in `/readyz` and in a metric, and hands no
+/// job back; when the alarm is lifted the retries land and each job is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_blocks_publishing_holds_retries_without_sending_twice() {
+    const JOBS: usize = CONCURRENCY;
+    const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+    let _serial = SERIAL.lock().await;
+    let test = "blocked";
+    let urls = cluster::urls().await;
+    let smtp = SmtpServer::start();
+    // Every job's first attempt is deferred: each one needs a retry publish.
+    smtp.add_rule(Rule::times(
+        JOBS,
+        Cmd::DataEnd,
+        Action::Reply(451, "4.3.0 try later".into()),
+    ));
+    let broker = Arc::new(Broker::on(test, &urls[1], urls.to_vec()).await);
+    let extra = || {
+        [(
+            "AMQP_MAILER_AMQP__PUBLISH_TIMEOUT",
+            format!("{}s", PUBLISH_TIMEOUT.as_secs()),
+        )]
+    };
+    // A first worker declares the topology, and stops: the jobs wait in the queue meanwhile.
+    let (mut first, _) = start_worker_with(&broker, &smtp, urls, [1, 2, 3], extra());
+    first.wait_for_log("consuming", WAIT).await;
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(WAIT).await.code(), Some(0));
+    publish_all(broker.clone(), test, 0..JOBS).await;
+
+    let probe = connect_to(&urls[1]).await;
+    let alarm = MemoryAlarm::raise(&probe).await;
+    let (mut worker, http) = start_worker_with(&broker, &smtp, urls, [1, 2, 3], extra());
+    worker
+        .wait_for_log("the broker blocks publishing", WAIT)
+        .await;
+    smtp.wait_until(WAIT, |s| s.data_commands() >= JOBS).await;
+    let readiness = amqp_mailer::http::check(http, "/readyz").await;
+    assert!(
+        readiness
+            .as_ref()
+            .is_err_and(|e| e.starts_with("503") && e.contains("the broker blocks publishing")),
+        "{readiness:?}"
+    );
+    let metrics = amqp_mailer::http::check(http, "/metrics")
+        .await
+        .expect("/metrics");
+    assert_eq!(
+        metric(&metrics, "amqp_mailer_broker_blocked"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "amqp_mailer_jobs_in_flight"),
+        JOBS as f64,
+        "every job waits for its retry's confirm, none handed back:\n{metrics}"
+    );
+    // The scenario itself: the alarm outlasts the publish timeout twice over, which a worker
+    // that took a missing confirm for a failure would not survive without handing jobs back.
+    tokio::time::sleep(PUBLISH_TIMEOUT * 2).await;
+    drop(alarm);
+    worker
+        .wait_for_log("the broker accepts publishing again", WAIT)
+        .await;
+
+    let conn = connect_to(&urls[1]).await;
+    let ending = finish(&mut worker, http, &smtp, &conn, &broker.names, test, JOBS).await;
+    assert_eq!(
+        ending.duplicates(),
+        0,
+        "no job sent twice: {}:\n{}",
+        ending.counted(),
+        ending.log.join("\n")
+    );
+    let warned = ending
+        .log
+        .iter()
+        .filter(|l| l.contains("the broker blocks publishing"))
+        .count();
+    assert_eq!(warned, 1, "said once:\n{}", ending.log.join("\n"));
+    assert!(
+        !ending
+            .log
+            .iter()
+            .any(|l| l.contains("no confirm from the broker")),
+        "no publish taken as failed:\n{}",
+        ending.log.join("\n")
     );
 }

@@ -7,11 +7,14 @@ mod topology;
 
 use std::str::FromStr as _;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::LongString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ConnectionStatus,
+};
 
 use crate::config::{AmqpConfig, ConfigError, redact_url};
 
@@ -133,16 +136,29 @@ pub enum PublishError {
 
 /// Publishes with confirms on the publishing connection's channel. The channel is replaced after
 /// a reconnect; a publish in flight on the old one fails, and is never taken as confirmed.
+///
+/// While the broker blocks the publishing connection (`connection.blocked`: a memory or disk
+/// alarm), a confirm that has not come is no failure: the message waits in the broker's socket
+/// or in ours and may still be stored, so its job must not be handed back (it would be sent
+/// again when the alarm clears). The wait for a confirm then goes on, and `publish_timeout`
+/// starts again once the block is lifted. The state is read from lapin's connection status at
+/// each check, not from an event stream.
 pub struct Publisher {
-    channel: RwLock<Option<Channel>>,
+    channel: RwLock<Option<(Channel, ConnectionStatus)>>,
     timeout: Duration,
+    /// Whether the block in progress has been logged, so that it is said once, not per publish.
+    block_reported: AtomicBool,
 }
+
+/// How often a publish waiting for its confirm looks at whether the broker blocks it.
+const BLOCKED_CHECK: Duration = Duration::from_millis(500);
 
 impl Publisher {
     pub fn new(timeout: Duration) -> Self {
         Self {
             channel: RwLock::new(None),
             timeout,
+            block_reported: AtomicBool::new(false),
         }
     }
 
@@ -152,25 +168,75 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        *self.write() = Some(channel);
+        *self.write() = Some((channel, connection.status().clone()));
         Ok(())
     }
 
     pub fn detach(&self) -> Option<Channel> {
-        self.write().take()
+        self.write().take().map(|(channel, _)| channel)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Option<Channel>> {
+    /// Whether the broker blocks the publishing connection now.
+    pub fn blocked(&self) -> bool {
+        self.current().is_some_and(|(_, status)| status.blocked())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Option<(Channel, ConnectionStatus)>> {
         self.channel
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn current(&self) -> Option<Channel> {
+    fn current(&self) -> Option<(Channel, ConnectionStatus)> {
         self.channel
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Says once when a publish finds the broker blocking it, and once when a publish finds the
+    /// block lifted.
+    fn report_block(&self, blocked: bool) {
+        if self.block_reported.swap(blocked, Ordering::Relaxed) == blocked {
+            return;
+        }
+        if blocked {
+            tracing::warn!(
+                "the broker blocks publishing (a memory or disk alarm): retries and dead \
+                 letters wait for it, and their jobs stay unacked until it is lifted"
+            );
+        } else {
+            tracing::info!("the broker accepts publishing again");
+        }
+    }
+
+    /// Waits for `confirm`, for `publish_timeout`, a wait that starts again whenever the
+    /// connection is found blocked. `None` on timeout.
+    async fn confirmed<T>(
+        &self,
+        status: &ConnectionStatus,
+        confirm: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let mut confirm = std::pin::pin!(confirm);
+        let mut deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let check = deadline.min(tokio::time::Instant::now() + BLOCKED_CHECK);
+            tokio::select! {
+                outcome = &mut confirm => {
+                    if self.block_reported.load(Ordering::Relaxed) {
+                        self.report_block(status.blocked());
+                    }
+                    return Some(outcome);
+                }
+                () = tokio::time::sleep_until(check) => {}
+            }
+            if status.blocked() {
+                self.report_block(true);
+                deadline = tokio::time::Instant::now() + self.timeout;
+            } else if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+        }
     }
 
     /// Publishes persistent and mandatory, and waits for the broker's confirm. `Ok` only when
@@ -182,7 +248,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let channel = self.current().ok_or(PublishError::NotConnected)?;
+        let (channel, status) = self.current().ok_or(PublishError::NotConnected)?;
         let confirm = async {
             let confirm = channel
                 .basic_publish(
@@ -198,19 +264,19 @@ impl Publisher {
                 .await?;
             confirm.await
         };
-        match tokio::time::timeout(self.timeout, confirm).await {
-            Err(_) => Err(PublishError::Timeout(self.timeout)),
-            Ok(Err(e)) => Err(PublishError::Broker(e)),
+        match self.confirmed(&status, confirm).await {
+            None => Err(PublishError::Timeout(self.timeout)),
+            Some(Err(e)) => Err(PublishError::Broker(e)),
             // A mandatory publish that could not be routed is returned, then acked: not stored.
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Returned(
+            Some(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Returned(
                 routing_key.to_string(),
                 returned.reply_text.to_string(),
             )),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Some(Ok(Confirmation::Ack(None))) => Ok(()),
+            Some(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
             // confirm_select was done on this channel; reaching this would be a bug, and an
             // unconfirmed publish must never be taken as stored.
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+            Some(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         }
     }
 }

@@ -97,7 +97,7 @@ impl RunningWorker {
             .unwrap_or_else(|_| {
                 panic!(
                     "worker did not reach {phase:?} within {timeout:?}; it is {:?}",
-                    self.handles.status.readiness(false)
+                    self.handles.status.readiness(false, false)
                 )
             })
             .expect("status channel open");
