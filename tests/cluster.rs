@@ -297,7 +297,7 @@ async fn finish(
 /// leads the queue (it was declared through node 1).
 async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     let _serial = SERIAL.lock().await;
-    let urls = cluster::urls().await;
+    let urls = cluster::all_up().await;
     let smtp = SmtpServer::start();
     smtp.set_data_delay(Duration::from_millis(2));
     let broker = Arc::new(Broker::on(test, &urls[2], urls.to_vec()).await);
@@ -320,9 +320,12 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     let lost_at = Instant::now();
     // The script runs while the worker's log is watched: the reconnection is seen when it
     // happens, not when the script returns.
+    // Waited for longer than BACK_WITHIN: the script's own start-up (an Erlang VM for
+    // rabbitmqctl) can take seconds on a loaded machine before the node goes at all; the bound
+    // is checked below from the moment the script has done its work.
     let taking_down = tokio::spawn(DownNode::take_down(command, 1));
     let again = worker
-        .wait_for_log("reconnected; consuming again", BACK_WITHIN)
+        .wait_for_log("reconnected; consuming again", WAIT)
         .await;
     let back_after = lost_at.elapsed();
     let (down, script_took) = taking_down.await.expect("the cluster script");
@@ -380,9 +383,9 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     let outages = outages(&end.log);
     assert_eq!(outages.len(), 1, "one outage: {outages:?}");
     assert!(
-        back_after < BACK_WITHIN && outages[0] < BACK_WITHIN && gap < BACK_WITHIN,
-        "consuming again {back_after:?} after the command, {:?} after the lost connection; \
-         {gap:?} without a delivery",
+        back_after < script_took + BACK_WITHIN && outages[0] < BACK_WITHIN && gap < BACK_WITHIN,
+        "consuming again {back_after:?} after the command (which took {script_took:?}), {:?} \
+         after the lost connection; {gap:?} without a delivery",
         outages[0]
     );
 
@@ -506,7 +509,7 @@ async fn steady_publisher(
 async fn rolling_restart_of_the_three_nodes_loses_nothing() {
     const TEST: &str = "rolling";
     let _serial = SERIAL.lock().await;
-    let urls = cluster::urls().await;
+    let urls = cluster::all_up().await;
     let smtp = SmtpServer::start();
     smtp.set_data_delay(Duration::from_millis(2));
     let broker = Broker::on(TEST, &urls[2], urls.to_vec()).await;
@@ -610,7 +613,7 @@ async fn the_whole_cluster_stopped_for_a_minute_consumes_within_5_s_of_its_retur
     const OUTAGE: Duration = Duration::from_secs(60);
     const BACK: Duration = Duration::from_secs(5);
     let _serial = SERIAL.lock().await;
-    let urls = cluster::urls().await;
+    let urls = cluster::all_up().await;
     let smtp = SmtpServer::start();
     // Slow enough that most jobs are still queued when the cluster goes.
     smtp.set_data_delay(Duration::from_millis(500));
@@ -763,7 +766,7 @@ async fn a_broker_that_blocks_publishing_holds_retries_without_sending_twice() {
     const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
     let _serial = SERIAL.lock().await;
     let test = "blocked";
-    let urls = cluster::urls().await;
+    let urls = cluster::all_up().await;
     let smtp = SmtpServer::start();
     // Every job's first attempt is deferred: each one needs a retry publish.
     smtp.add_rule(Rule::times(

@@ -74,6 +74,18 @@ pub async fn urls() -> &'static [String; 3] {
         .expect("starting the cluster")
 }
 
+/// [`urls`], after making sure again that every node is up and in the cluster (`start`: quick
+/// when it is). For each test that takes nodes down: a test that failed before it could start
+/// its node again leaves that to its guard's `Drop`, which may still be running when the next
+/// test begins.
+pub async fn all_up() -> &'static [String; 3] {
+    let urls = urls().await;
+    tokio::task::spawn_blocking(|| run_script(&["start"]))
+        .await
+        .expect("starting the cluster");
+    urls
+}
+
 /// The AMQP port of node `n` (1..=3) as the URLs name it.
 pub fn port_of(url: &str) -> u16 {
     url.rsplit_once(':')
