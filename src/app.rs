@@ -89,7 +89,9 @@ pub async fn run(
             .and_then(|from| from.parse().ok()),
         message_id_domain: config.smtp.message_id_domain.clone(),
     };
+    let receipts = topology.events_exchange.clone();
     let ctx = Arc::new(JobContext {
+        receipts,
         relays,
         max_age: config.retry.max_age,
         publisher: Publisher::new(config.amqp.publish_timeout),

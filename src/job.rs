@@ -40,6 +40,10 @@ pub struct Job {
     pub attachments: Vec<Attachment>,
     /// Not to be sent after this time (the producer's `not_after`, RFC 3339).
     pub not_after: Option<std::time::SystemTime>,
+    /// The producer's own values, echoed in every receipt and never put in the mail.
+    pub metadata: BTreeMap<String, String>,
+    /// The producer's labels, echoed in every receipt and never put in the mail.
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +95,8 @@ struct RawJob {
     headers: Option<BTreeMap<String, String>>,
     attachments: Option<Vec<RawAttachment>>,
     not_after: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+    tags: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +220,8 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
             })
         })
         .transpose()?;
+    let metadata = metadata(raw.metadata.unwrap_or_default())?;
+    let tags = tags(raw.tags.unwrap_or_default())?;
 
     Ok(Job {
         id,
@@ -228,7 +236,62 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Job, InvalidJob> {
         headers,
         attachments,
         not_after,
+        metadata,
+        tags,
     })
+}
+
+/// The most `metadata` entries a job may carry, and the longest key and value, in bytes. A
+/// receipt echoes them all, so they are kept small.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+pub const MAX_METADATA_KEY_BYTES: usize = 64;
+pub const MAX_METADATA_VALUE_BYTES: usize = 512;
+/// The most `tags` a job may carry, and the longest tag, in bytes.
+pub const MAX_TAGS: usize = 16;
+pub const MAX_TAG_BYTES: usize = 64;
+
+fn metadata(raw: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, InvalidJob> {
+    if raw.len() > MAX_METADATA_ENTRIES {
+        return Err(InvalidJob::new(format!(
+            "metadata has {} entries, at most {MAX_METADATA_ENTRIES}",
+            raw.len()
+        )));
+    }
+    for (key, value) in &raw {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY_BYTES {
+            return Err(InvalidJob::new(format!(
+                "metadata: the key {:?} must be 1 to {MAX_METADATA_KEY_BYTES} bytes",
+                truncate(key)
+            )));
+        }
+        no_control(&format!("metadata key {:?}", truncate(key)), key)?;
+        if value.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(InvalidJob::new(format!(
+                "metadata.{key}: the value is {} bytes, at most {MAX_METADATA_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+        no_control(&format!("metadata.{key}"), value)?;
+    }
+    Ok(raw)
+}
+
+fn tags(raw: Vec<String>) -> Result<Vec<String>, InvalidJob> {
+    if raw.len() > MAX_TAGS {
+        return Err(InvalidJob::new(format!(
+            "{} tags, at most {MAX_TAGS}",
+            raw.len()
+        )));
+    }
+    for (i, tag) in raw.iter().enumerate() {
+        if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
+            return Err(InvalidJob::new(format!(
+                "tags[{i}] must be 1 to {MAX_TAG_BYTES} bytes"
+            )));
+        }
+        no_control(&format!("tags[{i}]"), tag)?;
+    }
+    Ok(raw)
 }
 
 fn listed(value: Option<OneOrMany>) -> Vec<String> {
@@ -481,6 +544,43 @@ mod tests {
             vec![("X-Campaign".to_string(), "spring".to_string())]
         );
         assert_eq!(job.attachments[0].content, b"hello");
+    }
+
+    #[test]
+    fn metadata_and_tags_are_kept_within_their_limits() {
+        let base = r#""to":"a@example.com","subject":"s","text":"t""#;
+        let job = decode_str(&format!(
+            r#"{{{base},"metadata":{{"tenant":"acme","order":"1234"}},"tags":["reset","eu"]}}"#
+        ))
+        .expect("valid");
+        assert_eq!(job.metadata.get("tenant").map(String::as_str), Some("acme"));
+        assert_eq!(job.tags, ["reset", "eu"]);
+        let many: Vec<String> = (0..=MAX_METADATA_ENTRIES)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect();
+        let too_many = reason(&format!(r#"{{{base},"metadata":{{{}}}}}"#, many.join(",")));
+        assert!(
+            too_many.contains("metadata has 33 entries, at most 32"),
+            "{too_many}"
+        );
+        let long = "v".repeat(MAX_METADATA_VALUE_BYTES + 1);
+        let long = reason(&format!(r#"{{{base},"metadata":{{"k":"{long}"}}}}"#));
+        assert!(
+            long.contains("metadata.k: the value is 513 bytes"),
+            "{long}"
+        );
+        let control = reason(&format!(r#"{{{base},"metadata":{{"k":"a\u0007b"}}}}"#));
+        assert!(
+            control.contains("metadata.k contains the control"),
+            "{control}"
+        );
+        let number = reason(&format!(r#"{{{base},"metadata":{{"k":1}}}}"#));
+        assert!(number.contains("expected a string"), "{number}");
+        let empty = reason(&format!(r#"{{{base},"tags":["ok",""]}}"#));
+        assert!(empty.contains("tags[1] must be 1 to 64 bytes"), "{empty}");
+        let tags: Vec<String> = (0..=MAX_TAGS).map(|i| format!(r#""t{i}""#)).collect();
+        let too_many = reason(&format!(r#"{{{base},"tags":[{}]}}"#, tags.join(",")));
+        assert!(too_many.contains("17 tags, at most 16"), "{too_many}");
     }
 
     #[test]

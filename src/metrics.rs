@@ -16,6 +16,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabel {
     pub attempt: u32,
 }
@@ -67,6 +72,8 @@ pub struct Metrics {
     pub jobs_redelivered: Counter,
     pub duplicates_avoided: Counter,
     pub broker_reconnects: Counter,
+    pub receipts_published: Family<OutcomeLabel, Counter>,
+    pub receipts_retried: Counter,
 }
 
 impl Default for Metrics {
@@ -228,6 +235,19 @@ impl Metrics {
             "Times the worker reconnected to the broker after losing it",
             broker_reconnects.clone(),
         );
+        let receipts_published = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "receipts_published",
+            "Receipts published to the events exchange and confirmed by the broker, by outcome",
+            receipts_published.clone(),
+        );
+        let receipts_retried = Counter::default();
+        registry.register(
+            "receipts_retried",
+            "Receipt publishes that were not confirmed and had to be tried again (their jobs \
+             wait unacked meanwhile)",
+            receipts_retried.clone(),
+        );
         Self {
             registry,
             jobs_received,
@@ -251,7 +271,15 @@ impl Metrics {
             jobs_redelivered,
             duplicates_avoided,
             broker_reconnects,
+            receipts_published,
+            receipts_retried,
         }
+    }
+
+    pub fn receipt_published(&self, outcome: &'static str) {
+        self.receipts_published
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -87,6 +87,13 @@ impl Shutdown {
         self.abandon.child_token()
     }
 
+    /// Cancelled when the drain ends (drained, grace over or forced), and only then: for work
+    /// that outlives a lost channel but not the worker, such as a receipt waiting for the
+    /// broker's confirm.
+    pub fn drain_over(&self) -> CancellationToken {
+        self.abandon.clone()
+    }
+
     /// Runs one job as a tracked task: the drain waits for it.
     pub fn spawn_job<F>(&self, job: F)
     where

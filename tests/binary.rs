@@ -15,6 +15,7 @@ fn config_file(broker: &Broker, smtp_port: u16) -> (tempfile::TempDir, String) {
         r#"[amqp]
 url = "{url}"
 exchange = "{exchange}"
+events_exchange = "{events}"
 queue = "{queue}"
 routing_key = "{routing_key}"
 retry_queue_prefix = "{retry}"
@@ -37,6 +38,7 @@ max_attempts = 2
 "#,
         url = amqp_url(),
         exchange = names.exchange,
+        events = names.events,
         queue = names.queue,
         routing_key = names.routing_key,
         retry = names.retry_prefix,

@@ -333,16 +333,19 @@ impl Soak {
                 deleted += 1;
             }
         }
-        if let Ok(channel) = conn.create_channel().await {
-            let _ = channel
-                .exchange_delete(self.names.exchange.as_str().into(), Default::default())
-                .await;
+        for exchange in [&self.names.exchange, &self.names.events] {
+            if let Ok(channel) = conn.create_channel().await {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), Default::default())
+                    .await;
+            }
         }
         let _ = conn.close(200, "bye".into()).await;
         eprintln!(
-            "cleanup: deleted {deleted} of {} queues and the exchange {}",
+            "cleanup: deleted {deleted} of {} queues and the exchanges {} and {}",
             queues.len(),
-            self.names.exchange
+            self.names.exchange,
+            self.names.events
         );
     }
 }

@@ -133,6 +133,8 @@ const MESSAGE_ID_DOMAIN: &str = "soak.example";
 struct Names {
     prefix: String,
     exchange: String,
+    /// Receipts go here: on, as by default, with nothing bound (the broker drops them).
+    events: String,
     queue: String,
     retry_prefix: String,
     dead: String,
@@ -143,6 +145,7 @@ impl Names {
         let prefix = format!("soak.{seed}.{}", std::process::id());
         Self {
             exchange: format!("{prefix}.email"),
+            events: format!("{prefix}.events"),
             queue: format!("{prefix}.send"),
             retry_prefix: format!("{prefix}.retry."),
             dead: format!("{prefix}.dead"),
@@ -336,6 +339,7 @@ async fn run(args: Args) -> ExitCode {
     let env: Vec<(String, String)> = [
         ("AMQP__URL", url_via_proxy),
         ("AMQP__EXCHANGE", names.exchange.clone()),
+        ("AMQP__EVENTS_EXCHANGE", names.events.clone()),
         ("AMQP__QUEUE", names.queue.clone()),
         ("AMQP__ROUTING_KEY", names.queue.clone()),
         ("AMQP__RETRY_QUEUE_PREFIX", names.retry_prefix.clone()),

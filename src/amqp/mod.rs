@@ -248,6 +248,33 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        self.publish_with(exchange, routing_key, body, properties, true)
+            .await
+    }
+
+    /// Publishes an event (a receipt) persistent, and waits for the broker's confirm. Not
+    /// mandatory: an events exchange with nothing bound to it, or a `reply_to` queue that is
+    /// gone, drops it, as an event nobody listens to should be; a queue that refuses it (full,
+    /// `reject-publish`) makes the broker nack it, which is an error.
+    pub async fn publish_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish_with(exchange, routing_key, body, properties, false)
+            .await
+    }
+
+    async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
         let (channel, status) = self.current().ok_or(PublishError::NotConnected)?;
         let confirm = async {
             let confirm = channel
@@ -255,7 +282,7 @@ impl Publisher {
                     exchange.into(),
                     routing_key.into(),
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory,
                         ..BasicPublishOptions::default()
                     },
                     body,

@@ -40,6 +40,8 @@ pub struct Topology {
     /// Retry queues are named this followed by their delay (`email.retry.` + `10s`).
     pub retry_queue_prefix: String,
     pub queue_type: QueueType,
+    /// The topic exchange receipts go to (`amqp.events_exchange`); `None` when they are off.
+    pub events_exchange: Option<String>,
 }
 
 fn retry_queue_name(prefix: &str, delay: Duration) -> String {
@@ -80,6 +82,7 @@ impl Topology {
             dead_letter_queue: config.dead_letter_queue.clone(),
             retry_queues,
             queue_type: config.queue_type,
+            events_exchange: Some(config.events_exchange.clone()).filter(|name| !name.is_empty()),
         }
     }
 
@@ -99,6 +102,21 @@ impl Topology {
                 .exchange_declare(
                     self.exchange.as_str().into(),
                     ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| declare_error(what, e))?;
+        }
+        if let Some(events) = &self.events_exchange {
+            let what = format!("exchange '{events}'");
+            channel
+                .exchange_declare(
+                    events.as_str().into(),
+                    ExchangeKind::Topic,
                     ExchangeDeclareOptions {
                         durable: true,
                         ..ExchangeDeclareOptions::default()

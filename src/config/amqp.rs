@@ -160,6 +160,11 @@ pub struct AmqpConfig {
     pub url: BrokerUrls,
     /// Exchange producers publish to (direct, durable). Default `email`.
     pub exchange: String,
+    /// Topic exchange (durable) that receipts are published to, one per settled delivery, with
+    /// the outcome as routing key (`delivered`, `deferred`, `failed.rejected`, …); each is
+    /// confirmed by the broker before its job is acked. Empty: no receipts. Default
+    /// `email.events`.
+    pub events_exchange: String,
     /// Work queue consumed by the worker. Default `email.send`.
     pub queue: String,
     /// Routing key binding the work queue to the exchange. Default `email.send`.
@@ -202,6 +207,7 @@ impl Default for AmqpConfig {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f").into(),
             exchange: "email".into(),
+            events_exchange: "email.events".into(),
             queue: "email.send".into(),
             routing_key: "email.send".into(),
             retry_queue_prefix: "email.retry.".into(),
@@ -288,6 +294,24 @@ impl AmqpConfig {
             return Err(ConfigError::new(
                 "amqp.exchange",
                 "exchange and routing key must be at most 200 bytes",
+            ));
+        }
+        if self.events_exchange.len() > 200 {
+            return Err(ConfigError::new(
+                "amqp.events_exchange",
+                "longer than 200 bytes",
+            ));
+        }
+        if !self.events_exchange.is_empty() && self.events_exchange == self.exchange {
+            return Err(ConfigError::new(
+                "amqp.events_exchange",
+                "must differ from amqp.exchange (a topic exchange of its own)",
+            ));
+        }
+        if self.events_exchange.starts_with("amq.") {
+            return Err(ConfigError::new(
+                "amqp.events_exchange",
+                "names starting with amq. are reserved by the broker",
             ));
         }
         if self.queue == self.dead_letter_queue {

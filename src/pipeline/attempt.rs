@@ -10,11 +10,12 @@ use tracing::Span;
 
 use super::context::JobContext;
 use super::delivery::DeliveryMeta;
+use super::receipt::Facts;
 use super::settle;
 use crate::job;
 use crate::message;
 use crate::policy::Failure;
-use crate::smtp::{Abandoned, Attempted, JobMeaning, SendError, Sent};
+use crate::smtp::{Abandoned, Attempted, EnhancedCode, JobMeaning, SendError, Sent};
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -34,6 +35,7 @@ pub struct Failed {
     /// For the `last-error` header and the log: the relay's reply or our reason.
     pub error: String,
     pub smtp_code: Option<u16>,
+    pub enhanced: Option<EnhancedCode>,
 }
 
 impl Attempt {
@@ -42,20 +44,43 @@ impl Attempt {
             failure,
             error: reason.to_string(),
             smtp_code: None,
+            enhanced: None,
         })
     }
 }
 
-/// Runs one attempt. Returns the job's own `id` when the body could be decoded far enough to
-/// read it, and how the attempt ended.
+/// Runs one attempt. Returns what it learnt of the job (its own `id` when the body could be
+/// read that far, its Message-ID, recipients, relay: for the receipt), and how it ended.
 pub async fn run(
     ctx: &JobContext,
     body: &[u8],
     meta: &DeliveryMeta,
     abandon: &CancellationToken,
-) -> (Option<String>, Attempt) {
+) -> (Facts, Attempt) {
     let job = job::decode(body, &ctx.limits);
-    let id = job.as_ref().ok().and_then(|job| job.id.as_deref());
+    let mut facts = Facts::default();
+    match &job {
+        Ok(job) => {
+            facts.job_id = job.id.clone();
+            facts.metadata = job.metadata.clone();
+            facts.tags = job.tags.clone();
+            facts.recipients = [&job.to, &job.cc, &job.bcc]
+                .into_iter()
+                .flatten()
+                .map(|mailbox| mailbox.email.to_string())
+                .collect();
+            if let Some(list) = &meta.recipients {
+                let listed: Vec<&str> = list.split(',').map(str::trim).collect();
+                facts
+                    .recipients
+                    .retain(|known| listed.iter().any(|l| l.eq_ignore_ascii_case(known)));
+            }
+        }
+        // An invalid job's receipt carries whatever id can be read.
+        Err(_) if body.len() <= ctx.limits.max_job_bytes => facts.job_id = job::peek_id(body),
+        Err(_) => {}
+    }
+    let id = facts.job_id.as_deref();
     Span::current().record("job_id", id.or(meta.message_id.as_deref()).unwrap_or("-"));
     if meta.redelivered {
         // Its earlier handling (elsewhere, or before a restart) may have reached the relay; the
@@ -65,10 +90,10 @@ pub async fn run(
     }
     let job = match job {
         Ok(job) => job,
-        Err(invalid) => return (None, Attempt::failed(Failure::Invalid, invalid)),
+        Err(invalid) => return (facts, Attempt::failed(Failure::Invalid, invalid)),
     };
-    let attempt = send(ctx, &job, body, meta, abandon).await;
-    (job.id, attempt)
+    let attempt = send(ctx, &job, body, meta, abandon, &mut facts).await;
+    (facts, attempt)
 }
 
 async fn send(
@@ -77,6 +102,7 @@ async fn send(
     body: &[u8],
     meta: &DeliveryMeta,
     abandon: &CancellationToken,
+    facts: &mut Facts,
 ) -> Attempt {
     let expired = settle::expired(
         job.not_after,
@@ -91,22 +117,28 @@ async fn send(
         Ok(out) => out,
         Err(invalid) => return Attempt::failed(Failure::Invalid, invalid),
     };
+    facts.message_id = Some(out.message_id.clone());
     if let Some(list) = &meta.recipients {
         match narrowed(&out.envelope, list) {
             Ok(envelope) => out.envelope = envelope,
             Err(reason) => return Attempt::failed(Failure::Invalid, reason),
         }
     }
+    facts.recipients = out.envelope.to().iter().map(ToString::to_string).collect();
+    let started = std::time::Instant::now();
     let Attempted { relay, result } = match ctx.relays.send(&out, abandon).await {
         Ok(attempted) => attempted,
         Err(Abandoned) => return Attempt::Abandoned,
     };
+    facts.send_time = Some(started.elapsed());
+    facts.relay = Some(relay.clone());
     match result {
         Ok(sent) => Attempt::Sent { sent, relay },
         Err(error) => Attempt::Failed(Failed {
             failure: failure_of(ctx, &error, &relay),
             error: error.to_string(),
             smtp_code: error.code(),
+            enhanced: error.enhanced(),
         }),
     }
 }

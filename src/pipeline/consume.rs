@@ -228,6 +228,7 @@ impl Consumer {
 
         // Cancelled when this session's channel is lost: its deliveries can no longer be acked.
         let abandon = shutdown.abandon_token();
+        let drain_over = shutdown.drain_over();
         let mut beat = tokio::time::interval(self.beat_every);
         let end = loop {
             self.status.beat();
@@ -253,9 +254,10 @@ impl Consumer {
                 Some(Ok(delivery)) => {
                     let ctx = ctx.clone();
                     let abandon = abandon.clone();
+                    let drain_over = drain_over.clone();
                     // Boxed, so that spawning moves a pointer rather than the whole future.
                     shutdown.spawn_job(Box::pin(async move {
-                        delivery::handle(ctx, delivery, abandon).await;
+                        delivery::handle(ctx, delivery, abandon, drain_over).await;
                         drop(permit);
                     }));
                 }

@@ -28,6 +28,9 @@ pub struct JobContext {
     pub metrics: Arc<Metrics>,
     pub events: broadcast::Sender<JobEvent>,
     pub settled: RecentlySettled,
+    /// The events exchange receipts are published to (`amqp.events_exchange`); `None` when
+    /// receipts are off.
+    pub receipts: Option<String>,
 }
 
 /// How a delivery was settled, for whoever listens (tests, tools). Sent once the job is done
@@ -56,6 +59,9 @@ pub enum JobOutcome {
     Abandoned,
     /// A redelivery of a delivery this worker had settled but could not ack: acked, not sent.
     AlreadyHandled,
+    /// Handled, but its receipt was never confirmed before the worker stopped: left unacked,
+    /// so the broker delivers it again (a possible duplicate, counted).
+    ReceiptUnconfirmed,
 }
 
 impl JobOutcome {
@@ -69,6 +75,7 @@ impl JobOutcome {
             JobOutcome::Requeued => "requeued",
             JobOutcome::Abandoned => "abandoned",
             JobOutcome::AlreadyHandled => "already-handled",
+            JobOutcome::ReceiptUnconfirmed => "receipt-unconfirmed",
         }
     }
 
@@ -80,7 +87,7 @@ impl JobOutcome {
             | JobOutcome::Retried
             | JobOutcome::DeadLettered(_)
             | JobOutcome::AlreadyHandled => true,
-            JobOutcome::Requeued | JobOutcome::Abandoned => false,
+            JobOutcome::Requeued | JobOutcome::Abandoned | JobOutcome::ReceiptUnconfirmed => false,
         }
     }
 }

@@ -13,6 +13,7 @@ use tracing::{Instrument as _, Span, field};
 
 use super::attempt::{self, Attempt};
 use super::context::{JobContext, JobEvent};
+use super::receipt::{self, Facts};
 use super::recent::settle_key;
 use super::settle::{self, Settlement};
 use crate::amqp::{attempts_made, header_text, headers};
@@ -32,6 +33,10 @@ pub struct DeliveryMeta {
     pub redelivered: bool,
     /// The AMQP message id, the job's name until its body says otherwise.
     pub message_id: Option<String>,
+    /// The AMQP correlation id, echoed in receipts.
+    pub correlation_id: Option<String>,
+    /// The AMQP `reply_to`: the queue its receipts also go to.
+    pub reply_to: Option<String>,
 }
 
 impl DeliveryMeta {
@@ -47,6 +52,15 @@ impl DeliveryMeta {
                 .message_id()
                 .as_ref()
                 .map(|id| id.as_str().to_string()),
+            correlation_id: properties
+                .correlation_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string()),
+            reply_to: properties
+                .reply_to()
+                .as_ref()
+                .map(|queue| queue.as_str().to_string())
+                .filter(|queue| !queue.is_empty()),
         }
     }
 }
@@ -55,7 +69,15 @@ impl DeliveryMeta {
 /// `abandon` is cancelled when the delivery can no longer be settled (its channel is gone, or
 /// the shutdown grace is over): a job that has not yet sent its message then stops, and the
 /// broker delivers it again, instead of it being sent now and again after redelivery.
-pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: CancellationToken) {
+/// `drain_over` is cancelled when the shutdown grace is over: a receipt still unconfirmed then
+/// is given up (see `settle::apply`).
+pub async fn handle(
+    ctx: Arc<JobContext>,
+    delivery: Delivery,
+    abandon: CancellationToken,
+    drain_over: CancellationToken,
+) {
+    let received = SystemTime::now();
     ctx.metrics.jobs_received.inc();
     ctx.metrics.jobs_in_flight.inc();
     let meta = DeliveryMeta::read(&delivery);
@@ -80,6 +102,7 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
                 _ = handling.wait_for_earlier() => false,
                 _ = abandon.cancelled() => true,
             };
+        let mut receipt = None;
         let settlement = if abandoned {
             job_id = peeked_id(&ctx, &delivery.data).or(job_id);
             Span::current().record("job_id", job_id.as_deref().unwrap_or("-"));
@@ -94,20 +117,34 @@ pub async fn handle(ctx: Arc<JobContext>, delivery: Delivery, abandon: Cancellat
             // Boxed: the send's state machine is kilobytes, and a task's future is copied
             // several times when spawned; this way the task keeps only a pointer.
             let attempt = Box::pin(attempt::run(&ctx, &delivery.data, &meta, &abandon));
-            let attempt = match guarded(attempt).await {
-                Ok((id, attempt)) => {
-                    job_id = id.or(job_id);
-                    attempt
+            let (facts, attempt) = match guarded(attempt).await {
+                Ok((facts, attempt)) => {
+                    job_id = facts.job_id.clone().or(job_id);
+                    (facts, attempt)
                 }
                 // A bug must cost this job an attempt, not the worker its life.
-                Err(panic) => Attempt::failed(
-                    Failure::Transient,
-                    format!("internal error while handling the job: {panic}"),
+                Err(panic) => (
+                    Facts::default(),
+                    Attempt::failed(
+                        Failure::Transient,
+                        format!("internal error while handling the job: {panic}"),
+                    ),
                 ),
             };
-            settle::plan(attempt, &meta, &ctx.schedule, SystemTime::now())
+            let answers = ctx
+                .receipts
+                .is_some()
+                .then(|| receipt::answers(&attempt, &facts));
+            let settled = SystemTime::now();
+            let settlement = settle::plan(attempt, &meta, &ctx.schedule, settled);
+            receipt = answers.and_then(|answers| {
+                let times = receipt::Times { received, settled };
+                receipt::of(&settlement, answers, facts, &meta, times)
+            });
+            settlement
         };
-        let outcome = Box::pin(settle::apply(&ctx, delivery, settlement)).await;
+        let apply = settle::apply(&ctx, delivery, settlement, receipt, &drain_over);
+        let outcome = Box::pin(apply).await;
         if outcome.is_settled() {
             ctx.settled.insert(key);
         }

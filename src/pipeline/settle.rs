@@ -17,12 +17,15 @@
 
 use std::time::{Duration, SystemTime};
 
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio_util::sync::CancellationToken;
 
 use super::attempt::Attempt;
 use super::context::{JobContext, JobOutcome};
 use super::delivery::DeliveryMeta;
+use super::receipt::Receipt;
 use crate::amqp::{FailureHeaders, format_duration, republish_properties, rfc3339};
 use crate::metrics::KindLabel;
 use crate::policy::{Decision, Failure, Schedule};
@@ -272,7 +275,18 @@ pub fn expired(
 
 /// Carries a settlement out, exactly once: the delivery is consumed. Logs and counts what was
 /// done, and says how the delivery ended.
-pub async fn apply(ctx: &JobContext, delivery: Delivery, settlement: Settlement) -> JobOutcome {
+///
+/// A `receipt` is published, and confirmed, after the republishes and before the ack. While it
+/// is not confirmed the job stays unacked, and its outcome is kept: the mail is never sent again
+/// because of a receipt. It is tried again until `drain_over` (the shutdown grace is over);
+/// then the delivery is left unacked for the broker to deliver again, a possible duplicate.
+pub async fn apply(
+    ctx: &JobContext,
+    delivery: Delivery,
+    settlement: Settlement,
+    receipt: Option<Receipt>,
+    drain_over: &CancellationToken,
+) -> JobOutcome {
     let outcome = settlement.outcome();
     match settlement {
         Settlement::Abandon => {
@@ -304,6 +318,9 @@ pub async fn apply(ctx: &JobContext, delivery: Delivery, settlement: Settlement)
                 "delivered"
             );
             ctx.metrics.jobs_delivered.inc();
+            if !receipted(ctx, receipt, drain_over).await {
+                return unconfirmed(ctx, delivery);
+            }
             ack(ctx, delivery).await;
             outcome
         }
@@ -330,6 +347,9 @@ pub async fn apply(ctx: &JobContext, delivery: Delivery, settlement: Settlement)
                     .recipients_refused
                     .get_or_create(&KindLabel { kind })
                     .inc_by(refused.count as u64);
+            }
+            if !receipted(ctx, receipt, drain_over).await {
+                return unconfirmed(ctx, delivery);
             }
             ack(ctx, delivery).await;
             if let Some(delivered) = &republishes.delivered {
@@ -399,6 +419,115 @@ async fn publish(ctx: &JobContext, delivery: &Delivery, republish: &Republish) -
         }
     }
     true
+}
+
+/// The first pause before a receipt is published again, and the longest.
+const RECEIPT_RETRY_FIRST: Duration = Duration::from_millis(250);
+const RECEIPT_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Publishes the receipt to the events exchange (routing key: the outcome) and to the job's
+/// `reply_to` queue, each confirmed, trying again until both are. True once they are (or when
+/// there is no receipt to publish); false when `drain_over` came first.
+async fn receipted(
+    ctx: &JobContext,
+    receipt: Option<Receipt>,
+    drain_over: &CancellationToken,
+) -> bool {
+    let (Some(exchange), Some(receipt)) = (&ctx.receipts, receipt) else {
+        return true;
+    };
+    let body = match serde_json::to_vec(&receipt) {
+        Ok(body) => body,
+        // Our own struct of strings and numbers: cannot fail. Were it to, holding the job for
+        // ever would not help anyone.
+        Err(e) => {
+            tracing::error!(error = %e, "could not write the receipt; the job is acked without it");
+            return true;
+        }
+    };
+    let mut targets = vec![(exchange.as_str(), receipt.outcome)];
+    if let Some(queue) = &receipt.reply_to {
+        targets.push(("", queue.as_str()));
+    }
+    let mut pause = RECEIPT_RETRY_FIRST;
+    let mut tries = 0u32;
+    loop {
+        let mut failure = None;
+        while let Some(&(exchange, routing_key)) = targets.first() {
+            let properties = receipt_properties(&receipt);
+            let publish = ctx
+                .publisher
+                .publish_event(exchange, routing_key, &body, properties);
+            match Box::pin(publish).await {
+                Ok(()) => {
+                    targets.remove(0);
+                }
+                Err(e) => {
+                    failure = Some((exchange, routing_key, e));
+                    break;
+                }
+            }
+        }
+        let Some((exchange, routing_key, publish_error)) = failure else {
+            ctx.metrics.receipt_published(receipt.outcome);
+            if tries > 0 {
+                tracing::info!(
+                    tries = tries + 1,
+                    "the receipt is confirmed; acking the job"
+                );
+            }
+            return true;
+        };
+        tries += 1;
+        ctx.metrics.receipts_retried.inc();
+        if tries == 1 {
+            let to = if exchange.is_empty() {
+                format!("the reply_to queue {routing_key}")
+            } else {
+                format!("the exchange {exchange}")
+            };
+            tracing::warn!(
+                %publish_error,
+                receipt_id = %receipt.receipt_id,
+                "the receipt could not be published to {to}; the job is kept unacked, with its                  outcome, and the receipt tried again (the mail is not sent again)"
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = drain_over.cancelled() => return false,
+        }
+        pause = (pause * 2).min(RECEIPT_RETRY_MAX);
+    }
+}
+
+/// Properties of a receipt: JSON, its own id as message id, the job's correlation id.
+fn receipt_properties(receipt: &Receipt) -> BasicProperties {
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(receipt.receipt_id.as_str().into())
+        .with_type("amqp-mailer.receipt".into())
+        .with_app_id("amqp-mailer".into())
+        .with_timestamp(timestamp);
+    if let Some(id) = &receipt.correlation_id {
+        properties = properties.with_correlation_id(id.as_str().into());
+    }
+    properties
+}
+
+/// The worker stops and the receipt was never confirmed: the delivery is left unacked, and
+/// the broker delivers it again (to this worker after a restart, or another one), which sends
+/// it again. Counted as a possible duplicate.
+fn unconfirmed(ctx: &JobContext, delivery: Delivery) -> JobOutcome {
+    ctx.metrics.possible_duplicates.inc();
+    tracing::error!(
+        outcome = "receipt-unconfirmed",
+        "stopping with the receipt unconfirmed: the job is left unacked, and will be handled          again after redelivery (a possible duplicate)"
+    );
+    drop(delivery);
+    JobOutcome::ReceiptUnconfirmed
 }
 
 async fn ack(ctx: &JobContext, delivery: Delivery) {
@@ -492,6 +621,7 @@ mod tests {
             failure,
             error: "451 4.3.0 try later".into(),
             smtp_code: Some(451),
+            enhanced: None,
         })
     }
 

@@ -47,6 +47,8 @@ pub async fn connect_to(url: &str) -> Connection {
 pub struct Names {
     pub prefix: String,
     pub exchange: String,
+    /// The events exchange receipts go to.
+    pub events: String,
     pub queue: String,
     pub routing_key: String,
     pub retry_prefix: String,
@@ -68,6 +70,7 @@ impl Names {
         );
         Self {
             exchange: format!("{prefix}.email"),
+            events: format!("{prefix}.events"),
             queue: format!("{prefix}.send"),
             routing_key: format!("{prefix}.send"),
             retry_prefix: format!("{prefix}.retry."),
@@ -218,7 +221,7 @@ impl Drop for Broker {
                 .map(|q| q.clone())
                 .unwrap_or_default(),
         );
-        let exchange = self.names.exchange.clone();
+        let exchanges = [self.names.exchange.clone(), self.names.events.clone()];
         let urls = self.cleanup_urls.clone();
         // Drop cannot await: clean up from a thread with its own small runtime.
         let _ = std::thread::spawn(move || {
@@ -246,10 +249,12 @@ impl Drop for Broker {
                             .await;
                     }
                 }
-                if let Ok(channel) = conn.create_channel().await {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), Default::default())
-                        .await;
+                for exchange in exchanges {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = channel
+                            .exchange_delete(exchange.as_str().into(), Default::default())
+                            .await;
+                    }
                 }
                 let _ = conn.close(200, "bye".into()).await;
             });

@@ -52,6 +52,7 @@ pub fn broker_env(names: &Names) -> Vec<(&'static str, String)> {
     vec![
         ("AMQP_MAILER_AMQP__URL", amqp_url()),
         ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
+        ("AMQP_MAILER_AMQP__EVENTS_EXCHANGE", names.events.clone()),
         ("AMQP_MAILER_AMQP__QUEUE", names.queue.clone()),
         ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
         (

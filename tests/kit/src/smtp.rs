@@ -105,6 +105,8 @@ pub struct ReceivedMessage {
     pub data: Vec<u8>,
     pub received_at: Instant,
     pub auth_user: Option<String>,
+    /// The id this relay gave the message in its 250 (`queued as <id>`), unique per message.
+    pub queue_id: String,
 }
 
 impl ReceivedMessage {
@@ -628,13 +630,22 @@ impl Session {
             // Line endings are kept as sent.
             data.extend_from_slice(raw.strip_prefix(b".").unwrap_or(&raw));
         }
-        self.shared.state.send_modify(|s| s.data_ends += 1);
+        let mut ends = 0;
+        self.shared.state.send_modify(|s| {
+            s.data_ends += 1;
+            ends = s.data_ends;
+        });
+        let queue_id = format!("Q{:X}N{ends:X}", self.id);
         let delay = self.shared.config().data_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let reply = self
-            .scripted(Cmd::DataEnd, &data, r(250, "2.0.0 Ok: queued"))
+            .scripted(
+                Cmd::DataEnd,
+                &data,
+                r(250, &format!("2.0.0 Ok: queued as {queue_id}")),
+            )
             .await?;
         if is_2xx(reply.0) {
             let msg = ReceivedMessage {
@@ -644,6 +655,7 @@ impl Session {
                 data,
                 received_at: Instant::now(),
                 auth_user: self.auth_user.clone(),
+                queue_id,
             };
             // Recorded before the 250 goes out: once the client has its answer the
             // message is visible to the test.

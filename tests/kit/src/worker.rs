@@ -21,6 +21,7 @@ pub fn test_config(broker: &Broker, smtp_port: u16) -> Config {
     let names = &broker.names;
     config.amqp.url = config::Secret::new(amqp_url()).into();
     config.amqp.exchange = names.exchange.clone();
+    config.amqp.events_exchange = names.events.clone();
     config.amqp.queue = names.queue.clone();
     config.amqp.routing_key = names.routing_key.clone();
     config.amqp.retry_queue_prefix = names.retry_prefix.clone();

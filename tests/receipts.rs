@@ -1,0 +1,539 @@
+//! Receipts against the real broker and the scripted SMTP server: one per settlement, to the
+//! events exchange by outcome and to `reply_to`, each checked against the JSON Schema of
+//! `schema/receipt.schema.json`, confirmed before the job is acked, and never a reason to send
+//! a mail twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Consumer};
+use serde_json::Value;
+use testkit::broker::{Broker, WAIT};
+use testkit::metrics::metric_sum;
+use testkit::process::{WorkerProcess, free_port};
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
+use testkit::worker::{RunningWorker, job, test_config, wait_for_job};
+
+const SCHEMA: &str = include_str!("../schema/receipt.schema.json");
+
+/// Receipts as a consumer of the events exchange sees them: a server-named exclusive queue
+/// bound with `binding`; each receipt checked against the schema.
+struct Receipts {
+    channel: Channel,
+    consumer: Consumer,
+    schema: jsonschema::Validator,
+    pub queue: String,
+}
+
+impl Receipts {
+    /// A queue of its own, bound to `exchange` with each of `bindings` (`#` for every receipt);
+    /// with no binding, a queue to name as a job's `reply_to`.
+    async fn bound(broker: &Broker, exchange: &str, bindings: &[&str]) -> Self {
+        let channel = broker.conn.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare a server-named queue")
+            .name()
+            .to_string();
+        for binding in bindings {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.into(),
+                    (*binding).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind to the events exchange (declared by the worker)");
+        }
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "receipts".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let schema: Value = serde_json::from_str(SCHEMA).expect("the schema is JSON");
+        let schema = jsonschema::validator_for(&schema).expect("the schema is a valid schema");
+        Self {
+            channel,
+            consumer,
+            schema,
+            queue,
+        }
+    }
+
+    /// The next receipt: its routing key, properties and document, valid by the schema.
+    async fn next(&mut self, timeout: Duration) -> (String, BasicProperties, Value) {
+        let delivery = tokio::time::timeout(timeout, self.consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("no receipt within {timeout:?}"))
+            .expect("consumer open")
+            .expect("delivery");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        let receipt: Value = serde_json::from_slice(&delivery.data).expect("a receipt is JSON");
+        let errors: Vec<String> = self
+            .schema
+            .iter_errors(&receipt)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "receipt does not match schema/receipt.schema.json: {errors:?}\n{receipt:#}"
+        );
+        (
+            delivery.routing_key.to_string(),
+            delivery.properties,
+            receipt,
+        )
+    }
+
+    /// Asserts that no receipt arrives within `quiet` (a bounded negative check).
+    async fn expect_none(&mut self, quiet: Duration) {
+        if let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.consumer.next()).await {
+            panic!(
+                "unexpected receipt: {}",
+                String::from_utf8_lossy(&delivery.data)
+            );
+        }
+    }
+
+    /// Every receipt until none arrives for `quiet`.
+    async fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.consumer.next()).await {
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push(serde_json::from_slice(&delivery.data).expect("JSON"));
+        }
+        out
+    }
+}
+
+fn text(value: &Value) -> &str {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("a string: {value}"))
+}
+
+/// Each recipient of a receipt: address → (status, smtp_code, enhanced_code).
+fn statuses(receipt: &Value) -> BTreeMap<String, (String, Option<u64>, Option<String>)> {
+    receipt["recipients"]
+        .as_array()
+        .expect("recipients")
+        .iter()
+        .map(|r| {
+            (
+                text(&r["address"]).to_string(),
+                (
+                    text(&r["status"]).to_string(),
+                    r["smtp_code"].as_u64(),
+                    r["enhanced_code"].as_str().map(str::to_string),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_recipients_answered_250_550_and_451_then_250_end_with_three_final_statuses() {
+    let smtp = SmtpServer::start();
+    smtp.add_rule(
+        Rule::always(Cmd::Rcpt, Action::Reply(550, "5.1.1 no such user".into())).matching("gone@"),
+    );
+    smtp.add_rule(
+        Rule::times(
+            1,
+            Cmd::Rcpt,
+            Action::Reply(451, "4.2.0 mailbox busy".into()),
+        )
+        .matching("later@"),
+    );
+    let broker = Broker::new("receipts-three").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    let mut replies = Receipts::bound(&broker, &broker.names.events, &[]).await;
+
+    let body = serde_json::json!({
+        "id": "three-1",
+        "to": ["ok@example.com", "gone@example.com"],
+        "cc": "later@example.com",
+        "subject": "Your password reset",
+        "text": "the secret reset link",
+        "metadata": {"tenant": "acme", "order": "A-77"},
+        "tags": ["password-reset", "eu"],
+    });
+    broker
+        .publish_with(
+            body.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_message_id("amqp-three-1".into())
+                .with_correlation_id("corr-three-1".into())
+                .with_reply_to(replies.queue.as_str().into()),
+        )
+        .await;
+
+    let (key1, props1, first) = events.next(WAIT).await;
+    let (key2, _, second) = events.next(WAIT).await;
+    let messages = smtp.wait_for_messages(2, WAIT).await;
+
+    // The first attempt: one delivered, one bounced, one deferred.
+    assert_eq!(key1, "partly-delivered");
+    assert_eq!(first["outcome"], "partly-delivered");
+    assert_eq!(first["attempt"], 1);
+    assert_eq!(first["job_id"], "three-1");
+    assert_eq!(first["message_id"], "<three-1@example.com>");
+    assert_eq!(first["amqp_message_id"], "amqp-three-1");
+    assert_eq!(first["correlation_id"], "corr-three-1");
+    assert_eq!(first["receipt_version"], 1);
+    let first_statuses = statuses(&first);
+    assert_eq!(
+        first_statuses,
+        BTreeMap::from([
+            (
+                "ok@example.com".into(),
+                ("delivered".into(), Some(250), Some("2.0.0".into()))
+            ),
+            (
+                "gone@example.com".into(),
+                ("bounced".into(), Some(550), Some("5.1.1".into()))
+            ),
+            (
+                "later@example.com".into(),
+                ("deferred".into(), Some(451), Some("4.2.0".into()))
+            ),
+        ]),
+        "{first:#}"
+    );
+    let gone = first["recipients"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["address"] == "gone@example.com"))
+        .expect("gone@ is in the receipt");
+    assert!(text(&gone["reply"]).contains("no such user"), "{gone}");
+    assert_eq!(first["relay"]["name"], format!("127.0.0.1:{}", smtp.port()));
+    assert_eq!(first["relay"]["queue_id"], messages[0].queue_id.as_str());
+    assert!(first["next_attempt_at"].is_string(), "{first:#}");
+    assert_eq!(first["reason"]["kind"], "rejected");
+    assert!(first["send_ms"].is_u64());
+    assert_eq!(first["metadata"]["tenant"], "acme");
+    assert_eq!(first["tags"], serde_json::json!(["password-reset", "eu"]));
+    assert_eq!(
+        props1.content_type().as_ref().map(|t| t.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(props1.delivery_mode(), &Some(2), "persistent");
+    assert_eq!(
+        props1.message_id().as_ref().map(|t| t.as_str()),
+        first["receipt_id"].as_str()
+    );
+
+    // The retry: only the deferred recipient, now delivered.
+    assert_eq!(key2, "delivered");
+    assert_eq!(second["attempt"], 2);
+    assert_eq!(
+        statuses(&second),
+        BTreeMap::from([(
+            "later@example.com".into(),
+            ("delivered".into(), Some(250), Some("2.0.0".into()))
+        )])
+    );
+    assert_eq!(second["relay"]["queue_id"], messages[1].queue_id.as_str());
+    assert_eq!(second["metadata"], first["metadata"]);
+    assert_eq!(second["reason"], Value::Null);
+    assert_eq!(second["next_attempt_at"], Value::Null);
+    assert_ne!(first["receipt_id"], second["receipt_id"]);
+
+    // Three final statuses across the receipts, one per recipient.
+    let mut last: HashMap<String, String> = HashMap::new();
+    for receipt in [&first, &second] {
+        for (address, (status, _, _)) in statuses(receipt) {
+            last.insert(address, status);
+        }
+    }
+    assert_eq!(
+        last,
+        HashMap::from([
+            ("ok@example.com".into(), "delivered".into()),
+            ("gone@example.com".into(), "bounced".into()),
+            ("later@example.com".into(), "delivered".into()),
+        ])
+    );
+
+    // The same two receipts went to reply_to, with the job's correlation id.
+    for expected in [&first, &second] {
+        let (key, props, reply) = replies.next(WAIT).await;
+        assert_eq!(
+            key, replies.queue,
+            "the default exchange, routed by queue name"
+        );
+        assert_eq!(reply["receipt_id"], expected["receipt_id"]);
+        assert_eq!(
+            props.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("corr-three-1")
+        );
+    }
+
+    // Never in the mail: metadata and tags are the producer's, not the recipient's.
+    for message in &messages {
+        let data = String::from_utf8_lossy(&message.data);
+        assert!(
+            !data.contains("acme") && !data.contains("password-reset"),
+            "{data}"
+        );
+    }
+    // And never in a receipt: the subject and the body.
+    for receipt in [&first, &second] {
+        let json = receipt.to_string();
+        assert!(!json.contains("Your password reset") && !json.contains("secret reset link"));
+    }
+    let metrics = worker.handles.metrics.encode();
+    assert_eq!(
+        metric_sum(&metrics, "amqp_mailer_receipts_published_total", &[]),
+        2.0,
+        "{metrics}"
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_job_has_a_receipt_with_its_reason_and_the_ids_that_could_be_read() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("receipts-invalid").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    // A consumer that wants failures only: bound to `failed.#`, it never sees the delivered job.
+    let mut failures = Receipts::bound(&broker, &broker.names.events, &["failed.#"]).await;
+    let mut rx = worker.handles.events.subscribe();
+
+    broker
+        .publish(br#"{"id":"bad-1","to":"not an address","subject":"s","text":"t"}"#)
+        .await;
+    broker
+        .publish_with(
+            b"this is not JSON",
+            BasicProperties::default().with_message_id("amqp-garbage".into()),
+        )
+        .await;
+    broker
+        .publish(job("good-1", "ann@example.com").as_bytes())
+        .await;
+
+    let (key, _, bad) = failures.next(WAIT).await;
+    assert_eq!(key, "failed.invalid");
+    assert_eq!(bad["job_id"], "bad-1");
+    assert_eq!(bad["reason"]["kind"], "invalid");
+    assert!(text(&bad["reason"]["text"]).contains("to[0]"), "{bad:#}");
+    assert_eq!(bad["recipients"], serde_json::json!([]));
+    assert_eq!(bad["relay"], Value::Null);
+    assert_eq!(bad["message_id"], Value::Null);
+
+    let (key, _, garbage) = failures.next(WAIT).await;
+    assert_eq!(key, "failed.invalid");
+    assert_eq!(garbage["job_id"], Value::Null);
+    assert_eq!(garbage["amqp_message_id"], "amqp-garbage");
+    assert!(
+        text(&garbage["reason"]["text"]).contains("not a valid JSON job"),
+        "{garbage:#}"
+    );
+
+    wait_for_job(&mut rx, "good-1", WAIT).await;
+    failures.expect_none(Duration::from_millis(500)).await;
+    worker.stop().await.expect("clean stop");
+}
+
+/// How many of `queue`'s messages are delivered and not acked, from the broker itself.
+fn unacked(queue: &str) -> u64 {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "-n", "rabbit@localhost", "list_queues"])
+        .args(["name", "messages_unacknowledged"])
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl list_queues: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, count)| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("queue {queue} is not listed"))
+}
+
+/// Polls `condition` every 50 ms until it holds; panics after `timeout` with `what`.
+async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_the_broker_refuses_keeps_its_job_unacked_and_the_mail_is_sent_once() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("receipts-refused").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    let mut rx = worker.handles.events.subscribe();
+    // A queue that refuses everything, bound to the events exchange: the broker nacks every
+    // receipt (x-overflow reject-publish with room for none).
+    let full = format!("{}.full", broker.names.prefix);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    broker
+        .channel
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare the full queue");
+    broker
+        .channel
+        .queue_bind(
+            full.as_str().into(),
+            broker.names.events.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    broker.also_delete([full.clone()]);
+
+    broker
+        .publish(job("refused-1", "ann@example.com").as_bytes())
+        .await;
+    smtp.wait_for_messages(1, WAIT).await;
+    let metrics = &worker.handles.metrics;
+    wait_until("the receipt is tried again", WAIT, || {
+        metric_sum(&metrics.encode(), "amqp_mailer_receipts_retried_total", &[]) >= 2.0
+    })
+    .await;
+    // Sent, and held: not acked, while its receipt is refused.
+    assert_eq!(unacked(&broker.names.queue), 1, "the job waits unacked");
+    assert!(rx.try_recv().is_err(), "the job is not settled yet");
+
+    // The broker takes receipts again.
+    broker
+        .channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the full queue");
+    let settled = wait_for_job(&mut rx, "refused-1", WAIT).await;
+    assert_eq!(
+        settled.outcome,
+        amqp_mailer::pipeline::JobOutcome::Delivered
+    );
+    assert_eq!(
+        unacked(&broker.names.queue),
+        0,
+        "acked once the receipt was confirmed"
+    );
+
+    // The copies a nacked publish still left in other queues all carry one receipt_id: a
+    // consumer dedupes on it. The last one is the confirmed one.
+    let (key, _, receipt) = events.next(WAIT).await;
+    assert_eq!(key, "delivered");
+    let mut copies = vec![receipt];
+    copies.extend(events.drain(Duration::from_millis(300)).await);
+    let ids: std::collections::HashSet<&str> =
+        copies.iter().map(|r| text(&r["receipt_id"])).collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "one receipt, maybe in several copies: {copies:?}"
+    );
+    assert_eq!(smtp.messages().len(), 1, "the mail was sent once");
+    assert_eq!(
+        metric_sum(
+            &metrics.encode(),
+            "amqp_mailer_receipts_published_total",
+            &[]
+        ),
+        1.0
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_with_sigkill_under_load_every_job_still_gets_its_final_receipt() {
+    const JOBS: usize = 300;
+    let smtp = SmtpServer::start();
+    smtp.set_data_delay(Duration::from_millis(10));
+    let broker = Broker::new("receipts-kill").await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let env = || {
+        [
+            ("AMQP_MAILER_WORKER__CONCURRENCY", "16".to_string()),
+            ("AMQP_MAILER_SMTP__FROM", "sender@example.com".to_string()),
+            ("AMQP_MAILER_HTTP__LISTEN", http.clone()),
+        ]
+    };
+    let mut first = WorkerProcess::run(&broker, smtp.port(), env());
+    first.wait_for_log("consuming", WAIT).await;
+    let mut receipts = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    for i in 0..JOBS {
+        broker
+            .publish(job(&format!("kill-{i}"), &format!("r{i}@example.com")).as_bytes())
+            .await;
+    }
+    // Killed mid-flow, with jobs between their 250 and their receipt.
+    smtp.wait_for_messages(JOBS / 3, WAIT).await;
+    first.signal("KILL");
+    first.wait_exit(WAIT).await;
+
+    let mut second = WorkerProcess::run(&broker, smtp.port(), env());
+    second.wait_for_log("consuming", WAIT).await;
+    let mut delivered: HashMap<String, usize> = HashMap::new();
+    while delivered.len() < JOBS {
+        let (key, _, receipt) = receipts.next(WAIT).await;
+        assert_eq!(key, "delivered", "{receipt:#}");
+        *delivered
+            .entry(text(&receipt["job_id"]).to_string())
+            .or_default() += 1;
+    }
+    broker.wait_until_empty(&broker.names.queue, WAIT).await;
+    assert_eq!(unacked(&broker.names.queue), 0);
+
+    // Mails sent twice are jobs the broker redelivered after the kill, which the second worker
+    // counts; each has a receipt of each sending.
+    let sent = smtp.deliveries();
+    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    let addr: std::net::SocketAddr = http.parse().expect("address");
+    let metrics = amqp_mailer::http::check(addr, "/metrics")
+        .await
+        .expect("/metrics");
+    let redelivered = metric_sum(&metrics, "amqp_mailer_jobs_redelivered_total", &[]);
+    assert!(
+        twice.len() as f64 <= redelivered,
+        "{} mails sent twice, {redelivered} redeliveries counted: {twice:?}",
+        twice.len()
+    );
+    assert!(sent.values().all(|n| *n <= 2), "{sent:?}");
+    receipts.expect_none(Duration::from_millis(300)).await;
+    drop(receipts.channel);
+    second.signal("TERM");
+    second.wait_exit(WAIT).await;
+}
