@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use amqp_mailer::app::{self, Handles, RunError};
 use amqp_mailer::config::{self, Config};
 use amqp_mailer::telemetry;
+use amqp_mailer::tools::events::{self, EventsArgs};
 use amqp_mailer::tools::health::{self, HealthArgs};
 use amqp_mailer::tools::publish::{self, PublishArgs};
 use amqp_mailer::tools::{ToolError, dead_letters};
@@ -53,6 +54,8 @@ enum Command {
     Config,
     /// Ask a running worker whether it is ready (GET /readyz); exit 0 if so, 1 if not.
     Health(HealthArgs),
+    /// Print receipts as they arrive on the events exchange (filters by outcome and job id).
+    Events(EventsArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Publish(args) => tool(publish::run(&config, args)),
         Command::DeadLetters(command) => tool(dead_letters::run(&config, command)),
         Command::Health(args) => tool(health::run(&config, args)),
+        Command::Events(args) => tool(events::run(&config, args)),
     }
 }
 

@@ -1,10 +1,11 @@
-//! The command-line tools beside the worker: publish, dead letters, health.
+//! The command-line tools beside the worker: publish, dead letters, health, events.
 //!
 //! Each tool owns its flags (a struct deriving clap's `Args`, which the binary mounts as a
 //! subcommand), what it prints, and its exit status through [`ToolError`]; `main.rs` only
 //! dispatches to a tool's `run`.
 
 pub mod dead_letters;
+pub mod events;
 pub mod health;
 pub mod publish;
 
