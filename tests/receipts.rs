@@ -396,15 +396,9 @@ async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receipt_the_broker_refuses_keeps_its_job_unacked_and_the_mail_is_sent_once() {
-    let smtp = SmtpServer::start();
-    let broker = Broker::new("receipts-refused").await;
-    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
-    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
-    let mut rx = worker.handles.events.subscribe();
-    // A queue that refuses everything, bound to the events exchange: the broker nacks every
-    // receipt (x-overflow reject-publish with room for none).
+/// A queue that refuses everything, bound to the events exchange: the broker nacks every
+/// receipt (x-overflow reject-publish with room for none). Returns its name.
+async fn refuse_receipts(broker: &Broker) -> String {
     let full = format!("{}.full", broker.names.prefix);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
@@ -429,6 +423,17 @@ async fn a_receipt_the_broker_refuses_keeps_its_job_unacked_and_the_mail_is_sent
         .await
         .expect("bind");
     broker.also_delete([full.clone()]);
+    full
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_the_broker_refuses_keeps_its_job_unacked_and_the_mail_is_sent_once() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("receipts-refused").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    let mut rx = worker.handles.events.subscribe();
+    let full = refuse_receipts(&broker).await;
 
     broker
         .publish(job("refused-1", "ann@example.com").as_bytes())
@@ -652,4 +657,87 @@ async fn the_events_tool_says_when_receipts_are_off() {
         stderr.contains("the worker declares it when it starts"),
         "{stderr}"
     );
+}
+
+/// The README's example receipt is one the schema accepts.
+#[test]
+fn the_readme_example_receipt_matches_the_schema() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("```json\n{\n  \"receipt_version\"")
+        .expect("the README shows a receipt")
+        + "```json\n".len();
+    let end = start + readme[start..].find("```").expect("the end of the example");
+    let example: Value = serde_json::from_str(&readme[start..end]).expect("the example is JSON");
+    let schema: Value = serde_json::from_str(SCHEMA).expect("JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(&example)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// Every permit held by a job whose receipt waits, and then the connection goes: the worker
+/// must notice and reconnect although it has no permit to take a new delivery with, publish
+/// the receipts once the broker takes them, and send nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_while_every_job_waits_for_its_receipt_is_noticed() {
+    use amqp_mailer::pipeline::JobOutcome;
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("receipts-cut").await;
+    let proxy = testkit::proxy::Proxy::start("127.0.0.1:5672".parse().expect("address"));
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::Secret::new(
+        testkit::broker::amqp_url().replace(":5672", &format!(":{}", proxy.port())),
+    )
+    .into();
+    config.worker.concurrency = 2;
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    let mut rx = worker.handles.events.subscribe();
+    let full = refuse_receipts(&broker).await;
+    for i in 0..2 {
+        broker
+            .publish(job(&format!("cut-{i}"), "ann@example.com").as_bytes())
+            .await;
+    }
+    smtp.wait_for_messages(2, WAIT).await;
+    let metrics = &worker.handles.metrics;
+    wait_until("both receipts are tried again", WAIT, || {
+        metric_sum(&metrics.encode(), "amqp_mailer_receipts_retried_total", &[]) >= 2.0
+    })
+    .await;
+
+    proxy.cut_all();
+    broker
+        .channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the full queue");
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 2 {
+        let (key, _, receipt) = events.next(WAIT).await;
+        assert_eq!(key, "delivered");
+        ids.insert(text(&receipt["job_id"]).to_string());
+    }
+    // Their acks went with the connection: the broker redelivers both, and this worker, which
+    // has their outcome, acks them without sending.
+    let outcomes: Vec<JobOutcome> = testkit::worker::wait_events(&mut rx, 4, WAIT, |_| true)
+        .await
+        .into_iter()
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == JobOutcome::AlreadyHandled)
+            .count(),
+        2,
+        "{outcomes:?}"
+    );
+    broker.wait_until_empty(&broker.names.queue, WAIT).await;
+    assert_eq!(unacked(&broker.names.queue), 0);
+    assert_eq!(smtp.messages().len(), 2, "each mail sent once");
+    worker.stop().await.expect("clean stop");
 }

@@ -148,6 +148,8 @@ pub struct Publisher {
     timeout: Duration,
     /// Whether the block in progress has been logged, so that it is said once, not per publish.
     block_reported: AtomicBool,
+    /// Woken when a channel is attached (after a reconnect), for publishes waiting to try again.
+    attached: tokio::sync::Notify,
 }
 
 /// How often a publish waiting for its confirm looks at whether the broker blocks it.
@@ -159,6 +161,7 @@ impl Publisher {
             channel: RwLock::new(None),
             timeout,
             block_reported: AtomicBool::new(false),
+            attached: tokio::sync::Notify::new(),
         }
     }
 
@@ -169,11 +172,18 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         *self.write() = Some((channel, connection.status().clone()));
+        self.attached.notify_waiters();
         Ok(())
     }
 
     pub fn detach(&self) -> Option<Channel> {
         self.write().take().map(|(channel, _)| channel)
+    }
+
+    /// Resolves at the next attach of a channel (a reconnect): a publish that failed for want of
+    /// a connection may try again then rather than at the end of its pause.
+    pub async fn reattached(&self) {
+        self.attached.notified().await;
     }
 
     /// Whether the broker blocks the publishing connection now.

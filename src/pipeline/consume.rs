@@ -232,12 +232,20 @@ impl Consumer {
         let mut beat = tokio::time::interval(self.beat_every);
         let end = loop {
             self.status.beat();
+            // The connection is watched while waiting for a permit too: every permit may be
+            // held by jobs waiting for the publisher (a receipt to confirm), which only a
+            // reconnect gives back.
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break SessionEnd::Shutdown,
                 },
                 _ = shutdown.requested() => break SessionEnd::Shutdown,
+                event = session.events.next() => match event {
+                    Some(lapin::Event::Error(e)) => break SessionEnd::Lost(e.to_string()),
+                    Some(_) => continue,
+                    None => break SessionEnd::Lost("the broker connection closed".into()),
+                },
                 _ = beat.tick() => continue,
             };
             let delivery = tokio::select! {

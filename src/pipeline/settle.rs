@@ -13,7 +13,9 @@
 //! | a redelivery this worker settled already | `AlreadyHandled`: ack, not sent again                |
 //!
 //! A republish that the broker does not confirm hands the job back whole (nack with requeue),
-//! never acked, so no refused recipient can be acked away unrecorded.
+//! never acked, so no refused recipient can be acked away unrecorded. When receipts are on,
+//! `Ack` and `RepublishThenAck` publish the receipt, confirmed, just before the ack; one that is
+//! not confirmed is tried again with the outcome kept (the job is never sent again for it).
 
 use std::time::{Duration, SystemTime};
 
@@ -494,6 +496,8 @@ async fn receipted(
         }
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
+            // A reconnect: try again now, not at the end of the pause.
+            () = ctx.publisher.reattached() => {}
             () = drain_over.cancelled() => return false,
         }
         pause = (pause * 2).min(RECEIPT_RETRY_MAX);
