@@ -1,12 +1,13 @@
 //! The README's producer examples (examples/producers/), run with real Python/pika, Node/amqplib,
-//! PHP/php-amqplib and the shell against the real broker and worker. Their runtimes come from
-//! `bash .ci/install-test-tools`; a missing one fails the test, saying so.
+//! PHP/php-amqplib and the shell against the real broker and worker, and the ones that wait for
+//! the job's receipt. Their runtimes come from `bash .ci/install-test-tools`; a missing one fails
+//! the test, saying so.
 
 use std::path::{Path, PathBuf};
 
 use mail_parser::MimeHeaders as _;
 use testkit::broker::{Broker, WAIT, amqp_url};
-use testkit::smtp::SmtpServer;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
 use testkit::worker::{RunningWorker, test_config};
 
 fn root() -> PathBuf {
@@ -175,10 +176,114 @@ async fn shell_example_is_delivered() {
     worker.stop().await.expect("clean stop");
 }
 
+/// A relay that defers the first attempt (451 to the message), so that a receipt example must
+/// pass over the `deferred` receipt and wait for the next one.
+fn relay_deferring_once() -> SmtpServer {
+    let smtp = SmtpServer::start();
+    smtp.add_rule(Rule::times(
+        1,
+        Cmd::DataEnd,
+        Action::Reply(451, "4.3.0 try later".into()),
+    ));
+    smtp
+}
+
+/// A receipt example printed `delivered <id>` only once the retry had delivered the job, which
+/// the relay took once, after deferring it once.
+async fn delivered_after_deferral(
+    smtp: &SmtpServer,
+    printed: &str,
+    id: &str,
+) -> testkit::smtp::ReceivedMessage {
+    assert_eq!(printed, format!("delivered {id}"));
+    let message = delivered(smtp, id).await;
+    assert_eq!(
+        smtp.state().data_commands(),
+        2,
+        "one deferred attempt, then the delivery"
+    );
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_receipt_example_waits_for_the_delivery() {
+    let python = require(
+        &root().join("target/test-tools/venv/bin/python"),
+        "the Python venv with pika",
+    );
+    let smtp = relay_deferring_once();
+    let broker = Broker::new("pyreceipt").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let printed = run_example(&broker, &python, &["examples/producers/receipt.py"], &[]).await;
+    let message = delivered_after_deferral(&smtp, &printed, "shipped-7").await;
+    assert_eq!(message.rcpt_to, ["carol@example.com"]);
+    worker.stop().await.expect("clean stop");
+    assert_eq!(smtp.messages().len(), 1, "delivered once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_receipt_example_waits_for_the_delivery() {
+    let modules = require(
+        &root().join("target/test-tools/node/node_modules/amqplib"),
+        "Node's amqplib",
+    );
+    let node = which("node").expect("node is on the machine (Node.js)");
+    let smtp = relay_deferring_once();
+    let broker = Broker::new("nodereceipt").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let node_path = modules
+        .parent()
+        .expect("node_modules")
+        .to_string_lossy()
+        .into_owned();
+    let printed = run_example(
+        &broker,
+        &node,
+        &["examples/producers/receipt.js"],
+        &[("NODE_PATH", node_path)],
+    )
+    .await;
+    let message = delivered_after_deferral(&smtp, &printed, "shipped-8").await;
+    assert_eq!(message.rcpt_to, ["dan@example.com"]);
+    worker.stop().await.expect("clean stop");
+    assert_eq!(smtp.messages().len(), 1, "delivered once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn php_receipt_example_waits_for_the_delivery() {
+    let autoload = require(
+        Path::new("/usr/share/php/PhpAmqpLib/autoload.php"),
+        "Debian's php-amqplib",
+    );
+    let php = which("php").expect("php is installed by .ci/install-test-tools");
+    let smtp = relay_deferring_once();
+    let broker = Broker::new("phpreceipt").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let printed = run_example(
+        &broker,
+        &php,
+        &["examples/producers/receipt.php"],
+        &[("AMQPLIB_AUTOLOAD", autoload.to_string_lossy().into_owned())],
+    )
+    .await;
+    let message = delivered_after_deferral(&smtp, &printed, "shipped-9").await;
+    assert_eq!(message.rcpt_to, ["erin@example.com"]);
+    worker.stop().await.expect("clean stop");
+    assert_eq!(smtp.messages().len(), 1, "delivered once");
+}
+
 #[test]
 fn readme_shows_the_examples_exactly_as_tested() {
     let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
-    for file in ["publish.py", "publish.js", "publish.php", "publish.sh"] {
+    for file in [
+        "publish.py",
+        "publish.js",
+        "publish.php",
+        "publish.sh",
+        "receipt.py",
+        "receipt.js",
+        "receipt.php",
+    ] {
         let text =
             std::fs::read_to_string(root().join("examples/producers").join(file)).expect(file);
         assert!(

@@ -501,6 +501,48 @@ mod tests {
         assert_eq!(next, None);
     }
 
+    /// The schema file and the code say the same: every outcome, every field.
+    #[test]
+    fn the_schema_file_matches_the_receipt() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schema/receipt.schema.json"))
+                .expect("the schema is JSON");
+        let outcomes: Vec<&str> = schema["properties"]["outcome"]["enum"]
+            .as_array()
+            .expect("an enum of outcomes")
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect();
+        assert_eq!(outcomes, OUTCOMES);
+        assert_eq!(schema["properties"]["receipt_version"]["const"], VERSION);
+        let attempt = failed(Failure::Transient, 451);
+        let meta = DeliveryMeta::default();
+        let now = SystemTime::UNIX_EPOCH;
+        let answers = answers(&attempt, &facts());
+        let settlement = plan(attempt, &meta, &schedule(), now);
+        let times = Times {
+            received: now,
+            settled: now,
+        };
+        let receipt = of(&settlement, answers, facts(), &meta, times).expect("a receipt");
+        let written = serde_json::to_value(&receipt).expect("serializes");
+        let mut fields: Vec<&str> = written
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut required: Vec<&str> = schema["required"]
+            .as_array()
+            .expect("required")
+            .iter()
+            .filter_map(|f| f.as_str())
+            .collect();
+        fields.sort_unstable();
+        required.sort_unstable();
+        assert_eq!(fields, required, "every field is required, and written");
+    }
+
     #[test]
     fn the_relay_queue_id_in_its_common_forms() {
         let cases = [
