@@ -92,6 +92,7 @@ pub async fn run(
     let receipts = topology.events_exchange.clone();
     let ctx = Arc::new(JobContext {
         receipts,
+        receipts_waiting: Default::default(),
         relays,
         max_age: config.retry.max_age,
         publisher: Publisher::new(config.amqp.publish_timeout),

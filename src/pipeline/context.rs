@@ -2,6 +2,7 @@
 //! a job tells whoever listens when it is settled.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -31,6 +32,8 @@ pub struct JobContext {
     /// The events exchange receipts are published to (`amqp.events_exchange`); `None` when
     /// receipts are off.
     pub receipts: Option<String>,
+    /// Jobs whose receipt waits to be tried again: the first says so, not every one.
+    pub receipts_waiting: AtomicUsize,
 }
 
 /// How a delivery was settled, for whoever listens (tests, tools). Sent once the job is done

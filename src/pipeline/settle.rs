@@ -17,6 +17,7 @@
 //! `Ack` and `RepublishThenAck` publish the receipt, confirmed, just before the ack; one that is
 //! not confirmed is tried again with the outcome kept (the job is never sent again for it).
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use lapin::BasicProperties;
@@ -472,17 +473,15 @@ async fn receipted(
         }
         let Some((exchange, routing_key, publish_error)) = failure else {
             ctx.metrics.receipt_published(receipt.outcome);
-            if tries > 0 {
-                tracing::info!(
-                    tries = tries + 1,
-                    "the receipt is confirmed; acking the job"
-                );
+            if tries > 0 && ctx.receipts_waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+                tracing::info!("receipts are confirmed again; their jobs are acked");
             }
             return true;
         };
         tries += 1;
         ctx.metrics.receipts_retried.inc();
-        if tries == 1 {
+        // Said once while receipts wait, by the first job to wait, not by each one.
+        if tries == 1 && ctx.receipts_waiting.fetch_add(1, Ordering::Relaxed) == 0 {
             let to = if exchange.is_empty() {
                 format!("the reply_to queue {routing_key}")
             } else {
@@ -491,14 +490,20 @@ async fn receipted(
             tracing::warn!(
                 %publish_error,
                 receipt_id = %receipt.receipt_id,
-                "the receipt could not be published to {to}; the job is kept unacked, with its                  outcome, and the receipt tried again (the mail is not sent again)"
+                "a receipt could not be published to {to}; its job is kept unacked, with its \
+                 outcome, and the receipt tried again (the mail is not sent again); \
+                 receipts_retried counts the tries"
             );
         }
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+        let gave_up = tokio::select! {
+            () = tokio::time::sleep(pause) => false,
             // A reconnect: try again now, not at the end of the pause.
-            () = ctx.publisher.reattached() => {}
-            () = drain_over.cancelled() => return false,
+            () = ctx.publisher.reattached() => false,
+            () = drain_over.cancelled() => true,
+        };
+        if gave_up {
+            ctx.receipts_waiting.fetch_sub(1, Ordering::Relaxed);
+            return false;
         }
         pause = (pause * 2).min(RECEIPT_RETRY_MAX);
     }
@@ -528,7 +533,8 @@ fn unconfirmed(ctx: &JobContext, delivery: Delivery) -> JobOutcome {
     ctx.metrics.possible_duplicates.inc();
     tracing::error!(
         outcome = "receipt-unconfirmed",
-        "stopping with the receipt unconfirmed: the job is left unacked, and will be handled          again after redelivery (a possible duplicate)"
+        "stopping with the receipt unconfirmed: the job is left unacked, and will be handled \
+         again after redelivery (a possible duplicate)"
     );
     drop(delivery);
     JobOutcome::ReceiptUnconfirmed
