@@ -93,6 +93,17 @@ struct Args {
     /// 500 jobs, one repeat: checks that the benchmark works.
     #[arg(long)]
     smoke: bool,
+    /// Receipts (`amqp.events_exchange`): on, as by default, with nothing bound to the
+    /// exchange; off; or both, each case once with and once without, to see what they cost.
+    #[arg(long, value_enum, default_value_t = ReceiptsChoice::On)]
+    receipts: ReceiptsChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReceiptsChoice {
+    On,
+    Off,
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,6 +133,8 @@ struct Case {
     size: usize,
     concurrency: u16,
     delay: Duration,
+    /// Receipts published (to an exchange with nothing bound), as by default.
+    receipts: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +177,7 @@ impl Options {
             size: 2048,
             concurrency: 50,
             delay: Duration::ZERO,
+            receipts: true,
         };
         let slow = Case {
             name: "slow",
@@ -171,6 +185,7 @@ impl Options {
             size: 2048,
             concurrency: 200,
             delay: Duration::from_millis(50),
+            receipts: true,
         };
         let mut cases = match args.case {
             CaseChoice::Fast => vec![fast],
@@ -188,6 +203,19 @@ impl Options {
                 case.jobs = 500;
             }
             override_case(case);
+            case.receipts = args.receipts != ReceiptsChoice::Off;
+        }
+        if args.receipts == ReceiptsChoice::Both {
+            cases = cases
+                .into_iter()
+                .flat_map(|case| {
+                    let off = Case {
+                        receipts: false,
+                        ..case.clone()
+                    };
+                    [case, off]
+                })
+                .collect();
         }
         // --instances alone replaces the single-instance table; --smoke runs both, so that the
         // scale-out path cannot rot either.
@@ -385,8 +413,9 @@ fn print_table(options: &Options, table: &[Row]) {
             format!("{:.0} %", 100.0 * rate / ideal)
         };
         println!(
-            "| {} ({sink} sink) | {} | {} | {} ms | {:.0} | {} | {:.0} | {:.1} MiB | {:.0} ms | {} | {} |",
+            "| {} ({sink} sink{}) | {} | {} | {} ms | {:.0} | {} | {:.0} | {:.1} MiB | {:.0} ms | {} | {} |",
             case.name,
+            if case.receipts { "" } else { ", receipts off" },
             case.jobs,
             case.concurrency,
             case.delay.as_millis(),
@@ -424,8 +453,9 @@ fn cores() -> usize {
 
 fn print_line(what: &str, case: &Case, sink: &str, s: &Sample) {
     let mut line = format!(
-        "{what:<11} case={} jobs={} C={} delay={}ms sink={sink}: {:.2} s, {:.0} jobs/s",
+        "{what:<11} case={} receipts={} jobs={} C={} delay={}ms sink={sink}: {:.2} s, {:.0} jobs/s",
         case.name,
+        if case.receipts { "on" } else { "off" },
         case.jobs,
         case.concurrency,
         case.delay.as_millis(),
@@ -475,6 +505,7 @@ fn names(tag: &str) -> AmqpConfig {
         routing_key: format!("{prefix}.send"),
         retry_queue_prefix: format!("{prefix}.retry."),
         dead_letter_queue: format!("{prefix}.dead"),
+        events_exchange: format!("{prefix}.events"),
         ..AmqpConfig::default()
     }
 }
@@ -544,9 +575,14 @@ async fn delete_queues(broker: &Connection, amqp: &AmqpConfig, retry: &[String])
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        let _ = channel
-            .exchange_delete(amqp.exchange.as_str().into(), Default::default())
-            .await;
+        for exchange in [&amqp.exchange, &amqp.events_exchange]
+            .into_iter()
+            .filter(|name| !name.is_empty())
+        {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
         let _ = channel.close(200, "bye".into()).await;
     }
 }
@@ -1018,6 +1054,10 @@ impl Worker {
             .envs([
                 ("AMQP_MAILER_AMQP__URL", options.broker_list.clone()),
                 ("AMQP_MAILER_AMQP__EXCHANGE", amqp.exchange.clone()),
+                (
+                    "AMQP_MAILER_AMQP__EVENTS_EXCHANGE",
+                    amqp.events_exchange.clone(),
+                ),
                 ("AMQP_MAILER_AMQP__QUEUE", amqp.queue.clone()),
                 ("AMQP_MAILER_AMQP__ROUTING_KEY", amqp.routing_key.clone()),
                 (
@@ -1187,7 +1227,7 @@ async fn worker_run(
     sink_kind: &str,
     round: usize,
 ) -> Result<Sample, Error> {
-    let (amqp, retry_queues) = prepare(
+    let (mut amqp, retry_queues) = prepare(
         options,
         broker,
         &format!("{}{round}", case.name),
@@ -1195,6 +1235,9 @@ async fn worker_run(
         case.size,
     )
     .await?;
+    if !case.receipts {
+        amqp.events_exchange.clear();
+    }
     let result = async {
         let mut sink = Sink::start(sink_kind, case.jobs, case.delay).await?;
         let worker = Worker::spawn(options, &amqp, case.concurrency, sink.port())?;
