@@ -23,6 +23,21 @@ fn require(path: &Path, what: &str) -> PathBuf {
     path.to_path_buf()
 }
 
+/// Node.js and the NODE_PATH that holds amqplib (from `bash .ci/install-test-tools`).
+fn node() -> (PathBuf, String) {
+    let modules = require(
+        &root().join("target/test-tools/node/node_modules/amqplib"),
+        "Node's amqplib",
+    );
+    let node = which("node").expect("node is on the machine (Node.js)");
+    let node_path = modules
+        .parent()
+        .expect("node_modules")
+        .to_string_lossy()
+        .into_owned();
+    (node, node_path)
+}
+
 /// Runs a producer example against the test's queues; returns what it printed.
 async fn run_example(
     broker: &Broker,
@@ -92,19 +107,10 @@ async fn python_pika_example_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_amqplib_example_is_delivered() {
-    let modules = require(
-        &root().join("target/test-tools/node/node_modules/amqplib"),
-        "Node's amqplib",
-    );
-    let node = which("node").expect("node is on the machine (Node.js)");
+    let (node, node_path) = node();
     let smtp = SmtpServer::start();
     let broker = Broker::new("nodeamqp").await;
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
-    let node_path = modules
-        .parent()
-        .expect("node_modules")
-        .to_string_lossy()
-        .into_owned();
     let id = run_example(
         &broker,
         &node,
@@ -223,19 +229,10 @@ async fn python_receipt_example_waits_for_the_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_receipt_example_waits_for_the_delivery() {
-    let modules = require(
-        &root().join("target/test-tools/node/node_modules/amqplib"),
-        "Node's amqplib",
-    );
-    let node = which("node").expect("node is on the machine (Node.js)");
+    let (node, node_path) = node();
     let smtp = relay_deferring_once();
     let broker = Broker::new("nodereceipt").await;
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
-    let node_path = modules
-        .parent()
-        .expect("node_modules")
-        .to_string_lossy()
-        .into_owned();
     let printed = run_example(
         &broker,
         &node,

@@ -48,6 +48,26 @@ fn retry_queue_name(prefix: &str, delay: Duration) -> String {
     format!("{prefix}{}", format_duration(delay))
 }
 
+/// Declares a durable exchange of `kind`.
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), TopologyError> {
+    channel
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| declare_error(format!("exchange '{name}'"), e))
+}
+
 /// A declaration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -97,34 +117,10 @@ impl Topology {
     /// dead-letter queue. Idempotent; a queue that exists with other arguments is a `Mismatch`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
         if !self.exchange.is_empty() {
-            let what = format!("exchange '{}'", self.exchange);
-            channel
-                .exchange_declare(
-                    self.exchange.as_str().into(),
-                    ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| declare_error(what, e))?;
+            declare_exchange(channel, &self.exchange, ExchangeKind::Direct).await?;
         }
         if let Some(events) = &self.events_exchange {
-            let what = format!("exchange '{events}'");
-            channel
-                .exchange_declare(
-                    events.as_str().into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| declare_error(what, e))?;
+            declare_exchange(channel, events, ExchangeKind::Topic).await?;
         }
 
         // Work queue. Anything the broker itself dead-letters from it (a quorum queue's

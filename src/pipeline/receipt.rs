@@ -384,8 +384,8 @@ mod tests {
         }
     }
 
-    /// The receipt of `attempt` after `before` attempts: its outcome and each status.
-    fn receipt(attempt: Attempt, before: u32) -> (String, Vec<Status>, Option<String>) {
+    /// The receipt of `attempt` after `before` attempts.
+    fn built(attempt: Attempt, before: u32) -> Receipt {
         let meta = DeliveryMeta {
             attempts_before: before,
             ..DeliveryMeta::default()
@@ -397,7 +397,12 @@ mod tests {
             received: now,
             settled: now,
         };
-        let receipt = of(&settlement, answers, facts(), &meta, times).expect("a receipt");
+        of(&settlement, answers, facts(), &meta, times).expect("a receipt")
+    }
+
+    /// The receipt of `attempt` after `before` attempts: its outcome and each status.
+    fn receipt(attempt: Attempt, before: u32) -> (String, Vec<Status>, Option<String>) {
+        let receipt = built(attempt, before);
         let statuses = receipt.recipients.iter().map(|r| r.status).collect();
         (
             receipt.outcome.to_string(),
@@ -515,16 +520,7 @@ mod tests {
             .collect();
         assert_eq!(outcomes, OUTCOMES);
         assert_eq!(schema["properties"]["receipt_version"]["const"], VERSION);
-        let attempt = failed(Failure::Transient, 451);
-        let meta = DeliveryMeta::default();
-        let now = SystemTime::UNIX_EPOCH;
-        let answers = answers(&attempt, &facts());
-        let settlement = plan(attempt, &meta, &schedule(), now);
-        let times = Times {
-            received: now,
-            settled: now,
-        };
-        let receipt = of(&settlement, answers, facts(), &meta, times).expect("a receipt");
+        let receipt = built(failed(Failure::Transient, 451), 0);
         let written = serde_json::to_value(&receipt).expect("serializes");
         let mut fields: Vec<&str> = written
             .as_object()
