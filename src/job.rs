@@ -306,6 +306,7 @@ fn json_error(e: serde_json::Error) -> InvalidJob {
     let message = e.to_string();
     let location = format!(" at line {} column {}", e.line(), e.column());
     let message = message.strip_suffix(&location).unwrap_or(&message);
+    let message = without_quoted_values(message);
     let mut escaped = String::new();
     for c in message.chars() {
         if escaped.len() >= MAX {
@@ -320,6 +321,40 @@ fn json_error(e: serde_json::Error) -> InvalidJob {
     }
     let location = if e.line() > 0 { location.as_str() } else { "" };
     InvalidJob::new(format!("job is not a valid JSON job: {escaped}{location}"))
+}
+
+/// serde's message with the string values it quotes (`invalid type: string "…", expected a
+/// map`) elided. The reason goes to logs, headers and receipts, and a value in the wrong field
+/// may be anything, a token in `headers` say; the job itself is kept whole in the dead-letter
+/// queue. Field names, which serde quotes with backticks, stay.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '"' {
+            continue;
+        }
+        // serde writes the value with Rust's escapes: `\"` inside does not end it.
+        let mut closed = false;
+        while let Some(inner) = chars.next() {
+            match inner {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        out.push('…');
+        if closed {
+            out.push('"');
+        }
+    }
+    out
 }
 
 fn mailboxes(field: &str, list: Vec<String>) -> Result<Vec<Mailbox>, InvalidJob> {
@@ -792,6 +827,22 @@ mod tests {
             assert!(reason.contains("at line 1 column"), "{reason}");
         }
         assert!(reason(r#"{"to":"a@b.c","subject":"s","text":"t","x\r\n":1}"#).contains(r"x\r\n"));
+    }
+
+    /// A value in the wrong field is not quoted in the reason, which logs and receipts carry.
+    #[test]
+    fn json_errors_do_not_quote_values() {
+        let quoted = reason(
+            r#"{"to":"a@b.c","subject":"s","text":"t","headers":"X-Api-Key: sk-\"live\"-123"}"#,
+        );
+        assert!(
+            !quoted.contains("sk-") && !quoted.contains("live"),
+            "{quoted}"
+        );
+        assert!(quoted.contains(r#"invalid type: string "…""#), "{quoted}");
+        assert!(quoted.contains("at line 1 column"), "{quoted}");
+        let named = reason(r#"{"to":"a@b.c","subject":"s","text":"t","bogus":5}"#);
+        assert!(named.contains("`bogus`"), "field names stay: {named}");
     }
 
     /// Regression (fuzz/regressions/decode_job/long-display-name.json): a long name with no space

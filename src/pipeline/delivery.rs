@@ -40,6 +40,12 @@ pub struct DeliveryMeta {
 }
 
 impl DeliveryMeta {
+    /// The attempt this delivery is: one more than the header says were made, saturating (the
+    /// header comes from outside).
+    pub fn attempt(&self) -> u32 {
+        self.attempts_before.saturating_add(1)
+    }
+
     pub fn read(delivery: &Delivery) -> Self {
         let properties = &delivery.properties;
         Self {
@@ -86,7 +92,7 @@ pub async fn handle(
     let span = tracing::info_span!(
         "job",
         job_id = field::Empty,
-        attempt = meta.attempts_before + 1,
+        attempt = meta.attempt(),
         outcome = field::Empty,
     );
     async {
@@ -156,7 +162,7 @@ pub async fn handle(
         ctx.metrics.jobs_in_flight.dec();
         let _ = ctx.events.send(JobEvent {
             job_id,
-            attempt: meta.attempts_before + 1,
+            attempt: meta.attempt(),
             outcome,
         });
     }

@@ -271,7 +271,7 @@ pub fn of(
         message_id: facts.message_id,
         amqp_message_id: meta.message_id.clone(),
         correlation_id: meta.correlation_id.clone(),
-        attempt: meta.attempts_before + 1,
+        attempt: meta.attempt(),
         recipients,
         relay,
         reason,
@@ -324,6 +324,8 @@ fn coded(reply: &str) -> (Option<u16>, Option<EnhancedCode>) {
         .get(..3)
         .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|digits| digits.parse::<u16>().ok())
+        // A reply code is 2xx to 5xx (RFC 5321 4.2); anything else is no code.
+        .filter(|code| (200..600).contains(code))
     else {
         return (None, None);
     };
@@ -566,6 +568,10 @@ mod tests {
         assert_eq!(coded("250 Ok").0, Some(250));
         assert!(coded("250 Ok").1.is_none());
         assert_eq!(coded("ok").0, None);
+        assert_eq!(coded("000 nothing").0, None, "not a reply code");
+        assert_eq!(coded("199 too low").0, None);
+        assert_eq!(coded("600 too high").0, None);
+        assert_eq!(coded("599 the last").0, Some(599));
         assert!(coded("451 5.1.1 wrong class").1.is_none(), "strict");
     }
 }

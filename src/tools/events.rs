@@ -5,7 +5,8 @@
 use clap::Args;
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use serde_json::Value;
@@ -99,12 +100,17 @@ pub async fn run(config: &Config, args: EventsArgs) -> Result<(), ToolError> {
             .await
             .map_err(|e| broker(&format!("cannot bind to {exchange} with {binding}"), e))?;
     }
+    // Acked as printed, with a bounded prefetch: when the output is slower than the receipts
+    // (a pager, a slow pipe), they wait in the broker's queue, not in this process's memory.
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .map_err(|e| broker("cannot set the prefetch", e))?;
     let mut consumer = channel
         .basic_consume(
             queue.name().as_str().into(),
             "amqp-mailer-events".into(),
             BasicConsumeOptions {
-                no_ack: true,
                 exclusive: true,
                 ..BasicConsumeOptions::default()
             },
@@ -127,6 +133,10 @@ pub async fn run(config: &Config, args: EventsArgs) -> Result<(), ToolError> {
                 ));
             }
         };
+        let acked = delivery.acker.ack(BasicAckOptions::default());
+        acked
+            .await
+            .map_err(|e| broker("the broker connection was lost", e))?;
         let Ok(receipt) = serde_json::from_slice::<Value>(&delivery.data) else {
             eprintln!(
                 "skipped a message on {exchange} that is not a JSON receipt ({} bytes, routing \
@@ -146,12 +156,29 @@ pub async fn run(config: &Config, args: EventsArgs) -> Result<(), ToolError> {
         if args.json {
             println!("{receipt}");
         } else {
-            println!("{}", line(&receipt));
+            println!("{}", printable(&line(&receipt)));
         }
         printed += 1;
     }
     let _ = connection.close(200, "bye".into()).await;
     Ok(())
+}
+
+/// Receipts in flight to this tool, unacked, at most.
+const PREFETCH: u16 = 256;
+
+/// `text` with its control characters escaped (`\u{1b}`): a relay's reply text or a job's id
+/// must not move the terminal's cursor or change its colours.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One receipt as a line for people: when, outcome, job, attempt, then each recipient.
@@ -192,6 +219,12 @@ fn line(receipt: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(printable("ok \u{1b}[2J\r\nthere"), r"ok \u{1b}[2J\r\nthere");
+        assert_eq!(printable("plain ünïcode"), "plain ünïcode");
+    }
 
     #[test]
     fn a_receipt_reads_as_one_line() {
