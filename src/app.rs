@@ -93,6 +93,7 @@ pub async fn run(
     let ctx = Arc::new(JobContext {
         receipts,
         receipts_waiting: Default::default(),
+        settling: Default::default(),
         relays,
         max_age: config.retry.max_age,
         publisher: Publisher::new(config.amqp.publish_timeout),

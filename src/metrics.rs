@@ -21,6 +21,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabel {
     pub attempt: u32,
 }
@@ -35,6 +40,11 @@ pub struct RelayOutcomeLabel {
     pub relay: String,
     pub outcome: &'static str,
 }
+
+/// `receipts_dropped{reason}`: unconfirmed when the shutdown grace was over.
+pub const RECEIPT_DROPPED_AT_STOP: &str = "stop";
+/// `receipts_dropped{reason}`: the job's `reply_to` queue refused it (the broker nacked it).
+pub const RECEIPT_REFUSED_BY_REPLY_TO: &str = "reply-to-refused";
 
 /// One relay's metrics, looked up once: the hot path updates them without hashing a label.
 #[derive(Clone, Debug)]
@@ -74,6 +84,7 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     pub receipts_published: Family<OutcomeLabel, Counter>,
     pub receipts_retried: Counter,
+    pub receipts_dropped: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -248,6 +259,16 @@ impl Metrics {
              wait unacked meanwhile)",
             receipts_retried.clone(),
         );
+        let receipts_dropped = Family::<ReasonLabel, Counter>::default();
+        for reason in [RECEIPT_DROPPED_AT_STOP, RECEIPT_REFUSED_BY_REPLY_TO] {
+            let _ = receipts_dropped.get_or_create(&ReasonLabel { reason });
+        }
+        registry.register(
+            "receipts_dropped",
+            "Receipts given up: at a stop, unconfirmed when the grace was over (their jobs acked \
+             without them), or refused by the job's reply_to queue",
+            receipts_dropped.clone(),
+        );
         Self {
             registry,
             jobs_received,
@@ -273,7 +294,14 @@ impl Metrics {
             broker_reconnects,
             receipts_published,
             receipts_retried,
+            receipts_dropped,
         }
+    }
+
+    pub fn receipt_dropped(&self, reason: &'static str) {
+        self.receipts_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn receipt_published(&self, outcome: &'static str) {

@@ -9,12 +9,16 @@
 //! [`drain`]: Shutdown::drain
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
+
+/// After the grace, how long the stop still waits for the jobs that were settling (a receipt
+/// given up at the grace's end, then the job's ack) before the channel is closed.
+const LAST_ACKS: Duration = Duration::from_secs(2);
 
 /// How far the worker is on its way out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,8 @@ pub struct Shutdown {
     jobs: TaskTracker,
     grace: Duration,
     progress: AtomicU8,
+    /// The drain ended because the grace ran out (not drained, not forced).
+    grace_ran_out: AtomicBool,
     drained: OnceCell<()>,
 }
 
@@ -68,6 +74,7 @@ impl Shutdown {
             jobs: TaskTracker::new(),
             grace,
             progress: AtomicU8::new(Progress::Running as u8),
+            grace_ran_out: AtomicBool::new(false),
             drained: OnceCell::new(),
         }
     }
@@ -112,6 +119,7 @@ impl Shutdown {
                 tokio::select! {
                     _ = self.jobs.wait() => {}
                     _ = tokio::time::sleep(self.grace) => {
+                        self.grace_ran_out.store(true, Ordering::Relaxed);
                         self.set(Progress::Forced);
                         tracing::warn!(
                             unfinished = self.jobs.len(),
@@ -134,6 +142,21 @@ impl Shutdown {
                 }
             })
             .await;
+    }
+
+    /// After a drain whose grace ran out (not one that was forced): waits for `settling`, the
+    /// jobs past their send that give up their receipt at the grace's end and ack, at most
+    /// `LAST_ACKS`, so that those acks go out before the channel is closed.
+    pub async fn last_acks(&self, settling: &TaskTracker) {
+        if !self.grace_ran_out.load(Ordering::Relaxed) {
+            return;
+        }
+        settling.close();
+        tokio::select! {
+            () = settling.wait() => {}
+            () = tokio::time::sleep(LAST_ACKS) => {}
+            () = self.force.cancelled() => {}
+        }
     }
 
     fn set(&self, progress: Progress) {
@@ -191,6 +214,46 @@ mod tests {
         assert!(abandon.is_cancelled(), "a job not yet sending gives up");
         assert_eq!(s.progress(), Progress::Forced);
         assert_eq!(s.jobs.len(), 1, "the long job was left to the broker");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_grace_the_settling_jobs_get_a_moment_for_their_acks() {
+        let (s, _requested, _force) = shutdown(Duration::from_secs(5));
+        let settling = TaskTracker::new();
+        let drain_over = s.drain_over();
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counter = acked.clone();
+        let token = settling.token();
+        // A job waiting for its receipt until the grace is over, then acking.
+        s.spawn_job(async move {
+            drain_over.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            counter.fetch_add(1, Ordering::Relaxed);
+            drop(token);
+        });
+        // And one still in its send: not waited for beyond the moment.
+        s.spawn_job(async { tokio::time::sleep(Duration::from_secs(60)).await });
+        let started = tokio::time::Instant::now();
+        s.drain().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        s.last_acks(&settling).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(5010));
+        assert_eq!(
+            acked.load(Ordering::Relaxed),
+            1,
+            "its ack came before the channel closed"
+        );
+
+        // Nothing settling: no wait at all. A drain that did not run out: no wait either.
+        let idle = TaskTracker::new();
+        s.last_acks(&idle).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(5010));
+        let (drained, _requested, _force) = shutdown(Duration::from_secs(5));
+        drained.drain().await;
+        let busy = TaskTracker::new();
+        let _held = busy.token();
+        drained.last_acks(&busy).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(5010));
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use amqp_mailer::pipeline::JobOutcome;
 use futures_util::StreamExt as _;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -464,10 +465,7 @@ async fn a_receipt_the_broker_refuses_keeps_its_job_unacked_and_the_mail_is_sent
         .await
         .expect("delete the full queue");
     let settled = wait_for_job(&mut rx, "refused-1", WAIT).await;
-    assert_eq!(
-        settled.outcome,
-        amqp_mailer::pipeline::JobOutcome::Delivered
-    );
+    assert_eq!(settled.outcome, JobOutcome::Delivered);
     // Acked once the receipt was confirmed.
     wait_all_acked(&broker.names.queue).await;
 
@@ -689,7 +687,6 @@ fn the_readme_example_receipt_matches_the_schema() {
 /// the receipts once the broker takes them, and send nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_connection_while_every_job_waits_for_its_receipt_is_noticed() {
-    use amqp_mailer::pipeline::JobOutcome;
     let smtp = SmtpServer::start();
     let broker = Broker::new("receipts-cut").await;
     let proxy = testkit::proxy::Proxy::start("127.0.0.1:5672".parse().expect("address"));
@@ -745,5 +742,168 @@ async fn a_lost_connection_while_every_job_waits_for_its_receipt_is_noticed() {
     broker.wait_until_empty(&broker.names.queue, WAIT).await;
     wait_all_acked(&broker.names.queue).await;
     assert_eq!(smtp.messages().len(), 2, "each mail sent once");
+    worker.stop().await.expect("clean stop");
+}
+
+/// A stop while receipts are refused: once the grace is over, each job is acked without its
+/// receipt (given up, counted) rather than left for the broker to deliver again, which would
+/// send the delivered one again and leave the deferred one twice, here and in its retry queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_receipts_are_refused_acks_the_jobs_without_them_and_sends_nothing_again() {
+    let smtp = SmtpServer::start();
+    smtp.add_rule(
+        Rule::always(Cmd::Rcpt, Action::Reply(451, "4.2.0 mailbox busy".into())).matching("later@"),
+    );
+    let broker = Broker::new("receipts-stop").await;
+    let mut config = test_config(&broker, smtp.port());
+    config.shutdown.grace = Duration::from_secs(1);
+    // The deferred job waits in its retry queue for the rest of the test.
+    config.retry.initial_delay = Duration::from_secs(600);
+    config.retry.max_delay = Duration::from_secs(600);
+    let retry_queue = testkit::worker::retry_queues(&config)
+        .into_iter()
+        .next()
+        .expect("a retry queue");
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut rx = worker.handles.events.subscribe();
+    refuse_receipts(&broker).await;
+
+    broker
+        .publish(job("stop-sent", "ann@example.com").as_bytes())
+        .await;
+    broker
+        .publish(job("stop-deferred", "later@example.com").as_bytes())
+        .await;
+    smtp.wait_for_messages(1, WAIT).await;
+    let metrics = worker.handles.metrics.clone();
+    wait_until("both receipts are tried again", WAIT, || {
+        metric_sum(&metrics.encode(), "amqp_mailer_receipts_retried_total", &[]) >= 2.0
+    })
+    .await;
+    assert_eq!(
+        unacked(&broker.names.queue),
+        2,
+        "both wait for their receipts"
+    );
+    worker.stop().await.expect("clean stop");
+
+    let outcomes: Vec<_> = testkit::worker::wait_events(&mut rx, 2, WAIT, |_| true)
+        .await
+        .into_iter()
+        .map(|e| (e.job_id.unwrap_or_default(), e.outcome))
+        .collect();
+    assert!(
+        outcomes.contains(&("stop-sent".into(), JobOutcome::Delivered))
+            && outcomes.contains(&("stop-deferred".into(), JobOutcome::Retried)),
+        "{outcomes:?}"
+    );
+    // The worker's connections are closed: anything left unacked would be back in the queue.
+    assert_eq!(
+        broker.ready_count(&broker.names.queue).await,
+        0,
+        "none back"
+    );
+    assert_eq!(unacked(&broker.names.queue), 0);
+    assert_eq!(
+        broker.ready_count(&retry_queue).await,
+        1,
+        "the deferred job once, in its retry queue"
+    );
+    assert_eq!(smtp.messages().len(), 1, "the delivered mail was sent once");
+    let text = metrics.encode();
+    assert_eq!(
+        metric_sum(
+            &text,
+            "amqp_mailer_receipts_dropped_total",
+            &["reason=stop"]
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "amqp_mailer_possible_duplicates_total", &[]),
+        0.0,
+        "{text}"
+    );
+}
+
+/// A `reply_to` queue that refuses receipts (the producer's, full with `reject-publish`) does
+/// not hold the job: its copy is dropped and counted; the events exchange still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_queue_that_refuses_receipts_does_not_hold_the_job() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("receipts-replyfull").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    let mut rx = worker.handles.events.subscribe();
+    let full = format!("{}.replyfull", broker.names.prefix);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    broker
+        .channel
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare the full reply_to queue");
+    broker.also_delete([full.clone()]);
+
+    broker
+        .publish_with(
+            job("replyfull-1", "ann@example.com").as_bytes(),
+            BasicProperties::default().with_reply_to(full.as_str().into()),
+        )
+        .await;
+    let settled = wait_for_job(&mut rx, "replyfull-1", WAIT).await;
+    assert_eq!(settled.outcome, JobOutcome::Delivered);
+    let (key, _, receipt) = events.next(WAIT).await;
+    assert_eq!(key, "delivered");
+    assert_eq!(receipt["job_id"], "replyfull-1");
+    wait_all_acked(&broker.names.queue).await;
+    let text = worker.handles.metrics.encode();
+    assert_eq!(
+        metric_sum(
+            &text,
+            "amqp_mailer_receipts_dropped_total",
+            &["reason=reply-to-refused"]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "amqp_mailer_receipts_retried_total", &[]),
+        0.0,
+        "{text}"
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+/// A `reply_to` naming the worker's own work queue: the receipt does not go there, where it
+/// would be taken for a job and dead-lettered as invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_naming_the_work_queue_is_not_sent_receipts() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("receipts-replyown").await;
+    let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
+    let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
+    let mut rx = worker.handles.events.subscribe();
+
+    broker
+        .publish_with(
+            job("replyown-1", "ann@example.com").as_bytes(),
+            BasicProperties::default().with_reply_to(broker.names.queue.as_str().into()),
+        )
+        .await;
+    let (key, _, receipt) = events.next(WAIT).await;
+    assert_eq!(key, "delivered");
+    assert_eq!(receipt["job_id"], "replyown-1");
+    wait_for_job(&mut rx, "replyown-1", WAIT).await;
+    // Had the receipt gone to the work queue, the worker would take it for a job, and its
+    // "failed.invalid" receipt would follow.
+    events.expect_none(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "no second job");
+    assert_eq!(broker.ready_count(&broker.names.dead).await, 0);
     worker.stop().await.expect("clean stop");
 }

@@ -181,9 +181,11 @@ impl Publisher {
     }
 
     /// Resolves at the next attach of a channel (a reconnect): a publish that failed for want of
-    /// a connection may try again then rather than at the end of its pause.
-    pub async fn reattached(&self) {
-        self.attached.notified().await;
+    /// a connection may try again then rather than at the end of its pause. Only attaches after
+    /// the future is enabled (`Notified::enable`) or first polled count: take it, and enable it,
+    /// before the publish whose failure it is to wake.
+    pub fn reattached(&self) -> tokio::sync::futures::Notified<'_> {
+        self.attached.notified()
     }
 
     /// Whether the broker blocks the publishing connection now.

@@ -113,6 +113,14 @@ impl Topology {
         retry_queue_name(&self.retry_queue_prefix, delay)
     }
 
+    /// Whether `queue` is one of the worker's own: the work queue, the dead-letter queue or a
+    /// retry queue. A receipt sent there would be taken for a job.
+    pub fn is_own_queue(&self, queue: &str) -> bool {
+        queue == self.queue
+            || queue == self.dead_letter_queue
+            || (!self.retry_queue_prefix.is_empty() && queue.starts_with(&self.retry_queue_prefix))
+    }
+
     /// Declares the exchange, the work queue and its binding, the retry queues and the
     /// dead-letter queue. Idempotent; a queue that exists with other arguments is a `Mismatch`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {

@@ -313,6 +313,7 @@ impl Consumer {
         }
         // While the channel is still open, so that the jobs in flight can be acked.
         shutdown.drain().await;
+        shutdown.last_acks(&self.ctx.settling).await;
         session.close(&self.ctx.publisher).await;
         tracing::info!("stopped");
     }

@@ -34,6 +34,9 @@ pub struct JobContext {
     pub receipts: Option<String>,
     /// Jobs whose receipt waits to be tried again: the first says so, not every one.
     pub receipts_waiting: AtomicUsize,
+    /// The jobs past their send, settling (republishes, receipt, ack): after a grace that ran
+    /// out, the stop waits a moment for them before closing the channel.
+    pub settling: tokio_util::task::TaskTracker,
 }
 
 /// How a delivery was settled, for whoever listens (tests, tools). Sent once the job is done
@@ -62,8 +65,9 @@ pub enum JobOutcome {
     Abandoned,
     /// A redelivery of a delivery this worker had settled but could not ack: acked, not sent.
     AlreadyHandled,
-    /// Handled, but its receipt was never confirmed before the worker stopped: left unacked,
-    /// so the broker delivers it again (a possible duplicate, counted).
+    /// Handled, but neither its receipt was confirmed before the worker stopped nor its ack
+    /// given (the connection was gone): the broker delivers it again (a possible duplicate,
+    /// counted).
     ReceiptUnconfirmed,
 }
 

@@ -17,7 +17,7 @@
 //! `Ack` and `RepublishThenAck` publish the receipt, confirmed, just before the ack; one that is
 //! not confirmed is tried again with the outcome kept (the job is never sent again for it).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use lapin::BasicProperties;
@@ -29,8 +29,8 @@ use super::attempt::Attempt;
 use super::context::{JobContext, JobOutcome};
 use super::delivery::DeliveryMeta;
 use super::receipt::Receipt;
-use crate::amqp::{FailureHeaders, format_duration, republish_properties, rfc3339};
-use crate::metrics::KindLabel;
+use crate::amqp::{FailureHeaders, PublishError, format_duration, republish_properties, rfc3339};
+use crate::metrics::{KindLabel, RECEIPT_DROPPED_AT_STOP, RECEIPT_REFUSED_BY_REPLY_TO};
 use crate::policy::{Decision, Failure, Schedule};
 use crate::smtp::{Refusal, Sent};
 
@@ -282,7 +282,9 @@ pub fn expired(
 /// A `receipt` is published, and confirmed, after the republishes and before the ack. While it
 /// is not confirmed the job stays unacked, and its outcome is kept: the mail is never sent again
 /// because of a receipt. It is tried again until `drain_over` (the shutdown grace is over);
-/// then the delivery is left unacked for the broker to deliver again, a possible duplicate.
+/// then the receipt is given up (logged whole, counted) and the job acked without it. Only when
+/// that ack cannot be given either (the connection is gone) does the broker deliver the job
+/// again: `ReceiptUnconfirmed`, a possible duplicate.
 pub async fn apply(
     ctx: &JobContext,
     delivery: Delivery,
@@ -291,6 +293,8 @@ pub async fn apply(
     drain_over: &CancellationToken,
 ) -> JobOutcome {
     let outcome = settlement.outcome();
+    // Held to the end: a stop whose grace ran out waits a moment for this job's ack.
+    let _settling = ctx.settling.token();
     match settlement {
         Settlement::Abandon => {
             tracing::info!(
@@ -310,7 +314,7 @@ pub async fn apply(
                 "redelivered after a lost ack; this worker had already handled it: acked \
                  without sending again"
             );
-            ack(ctx, delivery).await;
+            let _acked = ack(ctx, delivery).await;
             outcome
         }
         Settlement::Ack(delivered) => {
@@ -321,11 +325,8 @@ pub async fn apply(
                 "delivered"
             );
             ctx.metrics.jobs_delivered.inc();
-            if !receipted(ctx, receipt, drain_over).await {
-                return unconfirmed(ctx, delivery);
-            }
-            ack(ctx, delivery).await;
-            outcome
+            let receipted = receipted(ctx, receipt, drain_over).await;
+            settled(ack(ctx, delivery).await, receipted, outcome)
         }
         Settlement::RepublishThenAck(republishes) => {
             for republish in republishes.all() {
@@ -351,10 +352,10 @@ pub async fn apply(
                     .get_or_create(&KindLabel { kind })
                     .inc_by(refused.count as u64);
             }
-            if !receipted(ctx, receipt, drain_over).await {
-                return unconfirmed(ctx, delivery);
-            }
-            ack(ctx, delivery).await;
+            // Even without its receipt, the job is acked once its republishes are confirmed:
+            // left unacked, it would live on twice, here and in the queue it was republished to.
+            let receipted = receipted(ctx, receipt, drain_over).await;
+            let acked = ack(ctx, delivery).await;
             if let Some(delivered) = &republishes.delivered {
                 tracing::info!(
                     outcome = "partly-delivered",
@@ -367,8 +368,19 @@ pub async fn apply(
                 );
                 ctx.metrics.jobs_delivered.inc();
             }
-            outcome
+            settled(acked, receipted, outcome)
         }
+    }
+}
+
+/// How a delivery that got as far as its ack ended: as planned, unless neither its receipt was
+/// confirmed nor its ack given. Then the broker delivers it again, and the mail is sent again:
+/// a possible duplicate, counted where the ack failed.
+fn settled(acked: bool, receipted: bool, outcome: JobOutcome) -> JobOutcome {
+    if acked || receipted {
+        outcome
+    } else {
+        JobOutcome::ReceiptUnconfirmed
     }
 }
 
@@ -430,7 +442,13 @@ const RECEIPT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Publishes the receipt to the events exchange (routing key: the outcome) and to the job's
 /// `reply_to` queue, each confirmed, trying again until both are. True once they are (or when
-/// there is no receipt to publish); false when `drain_over` came first.
+/// there is no receipt to publish); false when `drain_over` came first: the receipt is then given
+/// up, written whole to the log, and counted.
+///
+/// A `reply_to` queue that refuses the receipt (the broker nacks it: a length limit with
+/// `reject-publish`) is not waited for: it is the producer's queue, and a producer must not be
+/// able to hold the worker's jobs. That copy is dropped and counted; the events exchange, the
+/// operator's, is waited for.
 async fn receipted(
     ctx: &JobContext,
     receipt: Option<Receipt>,
@@ -449,12 +467,17 @@ async fn receipted(
         }
     };
     let mut targets = vec![(exchange.as_str(), receipt.outcome)];
-    if let Some(queue) = &receipt.reply_to {
-        targets.push(("", queue.as_str()));
+    match &receipt.reply_to {
+        Some(queue) if ctx.topology.is_own_queue(queue) => reply_to_own_queue(queue),
+        Some(queue) => targets.push(("", queue.as_str())),
+        None => {}
     }
     let mut pause = RECEIPT_RETRY_FIRST;
     let mut tries = 0u32;
     loop {
+        // Enabled before the publishes, so that a reconnect during them is not missed.
+        let mut reattached = std::pin::pin!(ctx.publisher.reattached());
+        reattached.as_mut().enable();
         let mut failure = None;
         while let Some(&(exchange, routing_key)) = targets.first() {
             let properties = receipt_properties(&receipt);
@@ -463,6 +486,10 @@ async fn receipted(
                 .publish_event(exchange, routing_key, &body, properties);
             match Box::pin(publish).await {
                 Ok(()) => {
+                    targets.remove(0);
+                }
+                Err(PublishError::Nacked) if exchange.is_empty() => {
+                    reply_to_refused(ctx, routing_key, &receipt);
                     targets.remove(0);
                 }
                 Err(e) => {
@@ -498,11 +525,19 @@ async fn receipted(
         let gave_up = tokio::select! {
             () = tokio::time::sleep(pause) => false,
             // A reconnect: try again now, not at the end of the pause.
-            () = ctx.publisher.reattached() => false,
+            () = &mut reattached => false,
             () = drain_over.cancelled() => true,
         };
         if gave_up {
             ctx.receipts_waiting.fetch_sub(1, Ordering::Relaxed);
+            ctx.metrics.receipt_dropped(RECEIPT_DROPPED_AT_STOP);
+            tracing::error!(
+                receipt_id = %receipt.receipt_id,
+                receipt = %String::from_utf8_lossy(&body),
+                "the shutdown grace is over with this receipt unconfirmed: it is given up (here \
+                 in the log, whole) and its job acked without it, so that its mail is not sent \
+                 again; receipts_dropped counts it"
+            );
             return false;
         }
         pause = (pause * 2).min(RECEIPT_RETRY_MAX);
@@ -526,23 +561,46 @@ fn receipt_properties(receipt: &Receipt) -> BasicProperties {
     properties
 }
 
-/// The worker stops and the receipt was never confirmed: the delivery is left unacked, and
-/// the broker delivers it again (to this worker after a restart, or another one), which sends
-/// it again. Counted as a possible duplicate.
-fn unconfirmed(ctx: &JobContext, delivery: Delivery) -> JobOutcome {
-    ctx.metrics.possible_duplicates.inc();
-    tracing::error!(
-        outcome = "receipt-unconfirmed",
-        "stopping with the receipt unconfirmed: the job is left unacked, and will be handled \
-         again after redelivery (a possible duplicate)"
-    );
-    drop(delivery);
-    JobOutcome::ReceiptUnconfirmed
+/// Said once per process, then counted only: a producer that names a full queue as `reply_to`
+/// would otherwise write a line per job.
+static REPLY_TO_REFUSED_SAID: AtomicBool = AtomicBool::new(false);
+
+/// Said once per process: a job whose `reply_to` names one of the worker's own queues.
+static REPLY_TO_OWN_SAID: AtomicBool = AtomicBool::new(false);
+
+/// The job's `reply_to` names the work queue, the dead-letter queue or a retry queue: its
+/// receipt goes to the events exchange only, not there, where it would be taken for a job.
+fn reply_to_own_queue(queue: &str) {
+    if !REPLY_TO_OWN_SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            reply_to = queue,
+            "a job's reply_to names one of this worker's own queues: its receipts are not sent \
+             there (they would be taken for jobs), only to the events exchange. Said once"
+        );
+    }
 }
 
-async fn ack(ctx: &JobContext, delivery: Delivery) {
+/// The job's `reply_to` queue refused its receipt: that copy is dropped (the events exchange's
+/// is not).
+fn reply_to_refused(ctx: &JobContext, queue: &str, receipt: &Receipt) {
+    ctx.metrics.receipt_dropped(RECEIPT_REFUSED_BY_REPLY_TO);
+    if !REPLY_TO_REFUSED_SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            reply_to = queue,
+            receipt_id = %receipt.receipt_id,
+            "the job's reply_to queue refused its receipt (full, with reject-publish): that \
+             copy is dropped, not waited for. Said once; receipts_dropped{{reason=\"{}\"}} \
+             counts the others",
+            RECEIPT_REFUSED_BY_REPLY_TO
+        );
+    }
+}
+
+/// Acks the delivery; false (counted as a possible duplicate) when the ack could not be given:
+/// the broker will deliver the job again.
+async fn ack(ctx: &JobContext, delivery: Delivery) -> bool {
     match tokio::time::timeout(ACK_WAIT, delivery.acker.ack(BasicAckOptions::default())).await {
-        Ok(Ok(true)) => {}
+        Ok(Ok(true)) => true,
         // The channel this came on is gone: the broker will deliver the job again.
         Ok(Ok(false) | Err(_)) | Err(_) => {
             ctx.metrics.possible_duplicates.inc();
@@ -550,6 +608,7 @@ async fn ack(ctx: &JobContext, delivery: Delivery) {
                 "could not ack: the broker connection was lost after the job was handled; the \
                  broker will redeliver it (a possible duplicate)"
             );
+            false
         }
     }
 }
