@@ -19,6 +19,9 @@ use tokio_util::task::TaskTracker;
 /// After the grace, how long the stop still waits for the jobs that were settling (a receipt
 /// given up at the grace's end, then the job's ack) before the channel is closed.
 const LAST_ACKS: Duration = Duration::from_secs(2);
+/// The same after a second signal ("stop at once"): a sent job whose receipt was in flight
+/// acks in milliseconds, and is not worth sending again.
+const LAST_ACKS_FORCED: Duration = Duration::from_millis(500);
 
 /// How far the worker is on its way out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,18 +147,24 @@ impl Shutdown {
             .await;
     }
 
-    /// After a drain whose grace ran out (not one that was forced): waits for `settling`, the
-    /// jobs past their send that give up their receipt at the grace's end and ack, at most
-    /// `LAST_ACKS`, so that those acks go out before the channel is closed.
+    /// After a drain that did not end with every job done (its grace ran out, or a second
+    /// signal came): waits for `settling`, the jobs past their send that give up their receipt
+    /// now and ack, so that those acks go out before the channel is closed. At most
+    /// `LAST_ACKS`, or `LAST_ACKS_FORCED` after a second signal.
     pub async fn last_acks(&self, settling: &TaskTracker) {
-        if !self.grace_ran_out.load(Ordering::Relaxed) {
+        let forced = self.force.is_cancelled();
+        if !forced && !self.grace_ran_out.load(Ordering::Relaxed) {
             return;
         }
         settling.close();
+        let window = if forced { LAST_ACKS_FORCED } else { LAST_ACKS };
         tokio::select! {
             () = settling.wait() => {}
-            () = tokio::time::sleep(LAST_ACKS) => {}
-            () = self.force.cancelled() => {}
+            () = tokio::time::sleep(window) => {}
+            // A second signal during the longer moment: the shorter one, from now.
+            () = self.force.cancelled(), if !forced => {
+                let _ = tokio::time::timeout(LAST_ACKS_FORCED, settling.wait()).await;
+            }
         }
     }
 
@@ -244,16 +253,26 @@ mod tests {
             "its ack came before the channel closed"
         );
 
+        // A second signal: the shorter moment.
+        let (forced, _requested, force) = shutdown(Duration::from_secs(5));
+        let stuck = TaskTracker::new();
+        let _held = stuck.token();
+        force.cancel();
+        forced.drain().await;
+        let before = tokio::time::Instant::now();
+        forced.last_acks(&stuck).await;
+        assert_eq!(before.elapsed(), LAST_ACKS_FORCED);
+
         // Nothing settling: no wait at all. A drain that did not run out: no wait either.
+        let before = tokio::time::Instant::now();
         let idle = TaskTracker::new();
         s.last_acks(&idle).await;
-        assert_eq!(started.elapsed(), Duration::from_millis(5010));
         let (drained, _requested, _force) = shutdown(Duration::from_secs(5));
         drained.drain().await;
         let busy = TaskTracker::new();
-        let _held = busy.token();
+        let _busy = busy.token();
         drained.last_acks(&busy).await;
-        assert_eq!(started.elapsed(), Duration::from_millis(5010));
+        assert_eq!(before.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
