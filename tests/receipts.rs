@@ -417,10 +417,10 @@ async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -
     }
 }
 
-/// A queue that refuses everything, bound to the events exchange: the broker nacks every
-/// receipt (x-overflow reject-publish with room for none). Returns its name.
-async fn refuse_receipts(broker: &Broker) -> String {
-    let full = format!("{}.full", broker.names.prefix);
+/// A queue that refuses everything: the broker nacks every publish routed to it (x-overflow
+/// reject-publish with room for none). Deleted at cleanup; returns its name.
+async fn full_queue(broker: &Broker, suffix: &str) -> String {
+    let full = format!("{}.{suffix}", broker.names.prefix);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
     args.insert(
@@ -432,6 +432,13 @@ async fn refuse_receipts(broker: &Broker) -> String {
         .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
         .await
         .expect("declare the full queue");
+    broker.also_delete([full.clone()]);
+    full
+}
+
+/// A full queue bound to the events exchange: the broker nacks every receipt. Returns its name.
+async fn refuse_receipts(broker: &Broker) -> String {
+    let full = full_queue(broker, "full").await;
     broker
         .channel
         .queue_bind(
@@ -443,7 +450,6 @@ async fn refuse_receipts(broker: &Broker) -> String {
         )
         .await
         .expect("bind");
-    broker.also_delete([full.clone()]);
     full
 }
 
@@ -847,19 +853,7 @@ async fn a_reply_to_queue_that_refuses_receipts_does_not_hold_the_job() {
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
     let mut events = Receipts::bound(&broker, &broker.names.events, &["#"]).await;
     let mut rx = worker.handles.events.subscribe();
-    let full = format!("{}.replyfull", broker.names.prefix);
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    broker
-        .channel
-        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
-        .await
-        .expect("declare the full reply_to queue");
-    broker.also_delete([full.clone()]);
+    let full = full_queue(&broker, "replyfull").await;
 
     broker
         .publish_with(
