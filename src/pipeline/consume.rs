@@ -30,6 +30,8 @@ struct Reconnect {
     /// Since when nothing is consumed, and how many attempts failed; `None` while consuming.
     outage: Option<(Instant, u32)>,
     consumed_before: bool,
+    /// A node answered during this outage (see `answered`).
+    answered: bool,
 }
 
 impl Reconnect {
@@ -40,6 +42,20 @@ impl Reconnect {
             node: 0,
             outage: None,
             consumed_before: false,
+            answered: false,
+        }
+    }
+
+    /// A node answered: its connection opened, whatever becomes of the session. When that
+    /// happens during an outage, the broker is back and only settling (just after a cluster
+    /// restart, a quorum queue may have no leader yet and refuse the declare or the consume):
+    /// the back-off starts again from its first pause, so that the worker does not sit out
+    /// whole pauses of the grown back-off while the broker is there. Once per outage, so that a
+    /// broker that keeps refusing the session is still backed off, not hammered.
+    fn answered(&mut self) {
+        if self.outage.is_some() && !self.answered {
+            self.answered = true;
+            self.delay = FIRST_RECONNECT_DELAY;
         }
     }
 
@@ -85,6 +101,7 @@ impl Reconnect {
         self.node = node;
         self.delay = FIRST_RECONNECT_DELAY;
         self.consumed_before = true;
+        self.answered = false;
     }
 }
 
@@ -188,6 +205,7 @@ impl Consumer {
             },
             _ = shutdown.requested() => return SessionEnd::Shutdown,
         };
+        reconnect.answered();
         let mut session = match connections.setup(&ctx.topology, &ctx.publisher).await {
             Ok(session) => session,
             Err(SessionError::Topology(e)) => return SessionEnd::Fatal(e),
@@ -346,6 +364,36 @@ mod tests {
         r.consuming(2, "node 2", "q", 1);
         r.lost("cut", 3);
         assert_eq!(r.node, 0, "round the list");
+    }
+
+    #[test]
+    fn a_node_that_answers_during_an_outage_restarts_the_back_off_once() {
+        let mut r = Reconnect::new(Duration::from_secs(2));
+        r.consuming(0, "node 0", "q", 1);
+        for _ in 0..5 {
+            r.lost("refused", 3);
+        }
+        assert_eq!(r.delay, Duration::from_secs(2), "grown to its cap");
+        // The cluster is back: a connection opens, the declare is refused (no leader yet).
+        r.answered();
+        assert_eq!(r.delay, FIRST_RECONNECT_DELAY);
+        let pause = r.lost("queue has no leader yet", 3);
+        assert!(pause <= FIRST_RECONNECT_DELAY, "{pause:?}");
+        // Answering again in the same outage does not reset it again: backed off as usual.
+        r.lost("queue has no leader yet", 3);
+        r.answered();
+        assert_eq!(r.delay, FIRST_RECONNECT_DELAY * 4);
+        // A new outage may reset it again.
+        r.consuming(0, "node 0", "q", 1);
+        for _ in 0..5 {
+            r.lost("refused", 3);
+        }
+        r.answered();
+        assert_eq!(r.delay, FIRST_RECONNECT_DELAY);
+        // Outside an outage (the first connection), nothing to reset.
+        let mut first = Reconnect::new(Duration::from_secs(2));
+        first.answered();
+        assert!(!first.answered);
     }
 
     #[test]
