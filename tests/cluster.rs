@@ -378,12 +378,18 @@ async fn worker_node_lost_midway(test: &'static str, command: &'static str) {
     // Without a consumer: from the command (which counts the script's own `rabbitmqctl`
     // start-up before the node goes), and from the lost connection to consuming again, by the
     // worker's log. Without a delivery: a measure from the relay, which also counts the producer's
-    // own stall while its node re-elects the queue's leader.
+    // own stall while its node re-elects the queue's leader, and, for a partition, the broker's
+    // own time to notice it and pause the minority node (the worker can only move once its node
+    // closes the connection): bounded from the end of the script, as `back_after` is. Seen on a
+    // loaded machine: a partition script of 11.8 s, no delivery for 11.5 s, and the worker
+    // consuming again 0.19 s after its node closed the connection.
     // The log's outage starts only when the worker notices the loss: from the command too.
     let outages = outages(&end.log);
     assert_eq!(outages.len(), 1, "one outage: {outages:?}");
     assert!(
-        back_after < script_took + BACK_WITHIN && outages[0] < BACK_WITHIN && gap < BACK_WITHIN,
+        back_after < script_took + BACK_WITHIN
+            && outages[0] < BACK_WITHIN
+            && gap < script_took + BACK_WITHIN,
         "consuming again {back_after:?} after the command (which took {script_took:?}), {:?} \
          after the lost connection; {gap:?} without a delivery",
         outages[0]
