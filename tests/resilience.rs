@@ -324,6 +324,92 @@ async fn two_redelivered_copies_of_one_job_do_not_wait_for_each_other() {
     assert_eq!(avoided, 2.0);
 }
 
+/// A retry whose confirm is lost: the broker stored the copy in its retry queue, but the worker,
+/// with no confirm, handed the job back whole. The job lives on twice in the broker, and was sent
+/// twice when the copy came back. Now the copy carries an id the worker remembers: the original
+/// is delivered, the copy acked without sending, the relay gets the job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_confirm_was_lost_is_not_sent_twice() {
+    let smtp = SmtpServer::start();
+    // The first attempt is deferred at MAIL FROM, slowly: time to make the broker's replies
+    // vanish before the worker republishes.
+    smtp.add_rule(Rule::times(
+        1,
+        Cmd::Mail,
+        Action::DelayThenReply(Duration::from_millis(1500), 451, "4.3.0 try later".into()),
+    ));
+    let broker = Broker::new("lostconfirm").await;
+    let proxy = Proxy::start(broker_addr());
+    let mut config = test_config(&broker, smtp.port());
+    config.amqp.url = amqp_mailer::config::Secret::new(url_via(&proxy)).into();
+    config.amqp.publish_timeout = Duration::from_secs(1);
+    // Long enough for the test to see the copy in its retry queue before it comes back.
+    config.retry.initial_delay = Duration::from_secs(8);
+    config.retry.max_delay = Duration::from_secs(8);
+    let retry_queue = retry_queues(&config)
+        .into_iter()
+        .next()
+        .expect("a retry queue");
+    broker.also_delete(retry_queues(&config));
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    broker
+        .publish(job("lostconfirm-1", "ann@example.com").as_bytes())
+        .await;
+    smtp.wait_for(WAIT, "the first attempt at MAIL FROM", |s| {
+        s.commands.iter().any(|(_, l)| l.starts_with("MAIL FROM"))
+    })
+    .await;
+    // The worker's bytes still reach the broker; the broker's (the confirm) no longer come back.
+    proxy.set_deaf(true);
+    let first = wait_events(&mut events, 1, WAIT, |_| true).await;
+    assert_eq!(
+        first[0].outcome,
+        JobOutcome::Requeued,
+        "no confirm: the job is handed back whole"
+    );
+    assert_eq!(
+        broker.ready_count(&retry_queue).await,
+        1,
+        "and yet the broker stored its retry copy"
+    );
+    let before = proxy.connections_total();
+    proxy.cut_all();
+    proxy.set_deaf(false);
+    assert!(
+        proxy
+            .wait_until(WAIT, |s| s.connections_total >= before + 2)
+            .await,
+        "reconnected"
+    );
+    // The original, redelivered at once, is sent; the copy, back from its retry queue, is not.
+    let later = wait_events(&mut events, 2, WAIT, |_| true).await;
+    let outcomes: Vec<JobOutcome> = later.iter().map(|e| e.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [JobOutcome::Delivered, JobOutcome::AlreadyHandled],
+        "{later:?}"
+    );
+    assert!(
+        later
+            .iter()
+            .all(|e| e.job_id.as_deref() == Some("lostconfirm-1")),
+        "{later:?}"
+    );
+    assert_eq!(smtp.messages().len(), 1, "the relay got the job once");
+    let metrics = worker.handles.metrics.clone();
+    worker.stop().await.expect("clean stop");
+    let text = metrics.encode();
+    assert_eq!(
+        metric(&text, "amqp_mailer_duplicates_avoided_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
+    assert_eq!(broker.ready_count(&retry_queue).await, 0);
+    assert_eq!(broker.ready_count(&broker.names.dead).await, 0);
+}
+
 /// Publishes one job `copies` times and cuts the broker connections once every copy's message is
 /// with the relay (sent whole, verdict not yet given); the worker reconnects at once and the
 /// broker redelivers every copy while the first copies are still being sent. Checks that the

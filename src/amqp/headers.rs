@@ -18,6 +18,11 @@ pub const FAILED_AT: &str = "failed-at";
 /// others already have it, or are in another retry or dead letter. The message's own To and Cc
 /// stay as the producer wrote them.
 pub const RECIPIENTS: &str = "recipients";
+/// A random id written on each republished copy, new for each republish. When the broker's
+/// confirm of a republish is lost, its job is handed back whole while the copy may have been
+/// stored all the same: the worker keeps the ids of such copies, and drops one that comes back
+/// instead of sending the job twice.
+pub const COPY_ID: &str = "copy-id";
 
 /// The headers written on a job that failed an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +94,7 @@ fn as_u32(value: &AMQPValue) -> Option<u32> {
 pub fn republish_properties(
     original: &BasicProperties,
     failure: &FailureHeaders,
+    copy_id: &str,
 ) -> BasicProperties {
     let failed_at = rfc3339(failure.failed_at);
     let first_failed_at =
@@ -109,6 +115,7 @@ pub fn republish_properties(
     if let Some(recipients) = &failure.recipients {
         headers.insert(RECIPIENTS.into(), long(recipients));
     }
+    headers.insert(COPY_ID.into(), long(copy_id));
     rebuild(original, headers)
 }
 
@@ -121,13 +128,14 @@ pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
 /// The producer's own headers: without ours and without the broker's `x-` ones (x-death and
 /// friends: RabbitMQ 4 ignores a client-set x-death, so the worker keeps its own count).
 fn producer_headers(original: &BasicProperties) -> FieldTable {
-    const OURS: [&str; 6] = [
+    const OURS: [&str; 7] = [
         ATTEMPT,
         ERROR_KIND,
         LAST_ERROR,
         SMTP_CODE,
         FIRST_FAILED_AT,
         FAILED_AT,
+        COPY_ID,
     ];
     let mut headers = FieldTable::default();
     if let Some(existing) = original.headers() {
@@ -245,6 +253,7 @@ mod tests {
                 failed_at: SystemTime::UNIX_EPOCH,
                 recipients: None,
             },
+            "c-1",
         );
         let h = props.headers().as_ref().expect("headers").inner();
         assert_eq!(h.get("tenant"), Some(&long("acme")));
@@ -257,6 +266,7 @@ mod tests {
             Some(&long("2026-01-01T00:00:00.000Z"))
         );
         assert_eq!(h.get("failed-at"), Some(&long("1970-01-01T00:00:00.000Z")));
+        assert_eq!(h.get("copy-id"), Some(&long("c-1")));
         assert_eq!(
             props.content_type().as_ref().map(|s| s.as_str()),
             Some("application/json")
@@ -272,6 +282,7 @@ mod tests {
             ("tenant", long("acme")),
             ("attempt", AMQPValue::LongInt(10)),
             ("error-kind", long("exhausted")),
+            ("copy-id", long("c-1")),
             ("x-death", long("h")),
         ]);
         let props = replay_properties(&original);

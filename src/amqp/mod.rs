@@ -134,6 +134,15 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
+impl PublishError {
+    /// Whether the message may have been stored although it was not confirmed: it may have
+    /// reached the broker before its confirm was lost (a timeout, or the connection failing
+    /// under it). Not when there was no channel, or the broker said no.
+    pub fn may_have_landed(&self) -> bool {
+        matches!(self, PublishError::Timeout(_) | PublishError::Broker(_))
+    }
+}
+
 /// Publishes with confirms on the publishing connection's channel. The channel is replaced after
 /// a reconnect; a publish in flight on the old one fails, and is never taken as confirmed.
 ///

@@ -37,6 +37,8 @@ pub struct DeliveryMeta {
     pub correlation_id: Option<String>,
     /// The AMQP `reply_to`: the queue its receipts also go to.
     pub reply_to: Option<String>,
+    /// The `copy-id` of a job this worker republished (to a retry queue).
+    pub copy_id: Option<String>,
 }
 
 impl DeliveryMeta {
@@ -67,6 +69,7 @@ impl DeliveryMeta {
                 .as_ref()
                 .map(|queue| queue.as_str().to_string())
                 .filter(|queue| !queue.is_empty()),
+            copy_id: header_text(properties, headers::COPY_ID),
         }
     }
 }
@@ -99,17 +102,28 @@ pub async fn handle(
         let key = settle_key(&delivery.data, meta.attempts_before);
         let handling = ctx.settled.begin(key);
         let mut job_id = meta.message_id.clone();
+        // A copy this worker republished for a job it then handed back whole: the job lives
+        // on in its original, and this copy would send it twice.
+        let stray = meta
+            .copy_id
+            .as_deref()
+            .is_some_and(|id| ctx.settled.is_stray(id));
         // A redelivery that arrives while an earlier copy is still being sent here (the
         // connection was lost under it) waits for that copy's outcome instead of sending again.
         // Only for earlier copies: two redelivered copies of one job waiting for each other
         // would hold their permits until the shutdown grace ran out.
-        let abandoned = meta.redelivered
+        let abandoned = !stray
+            && meta.redelivered
             && tokio::select! {
                 _ = handling.wait_for_earlier() => false,
                 _ = abandon.cancelled() => true,
             };
         let mut receipt = None;
-        let settlement = if abandoned {
+        let settlement = if stray {
+            job_id = peeked_id(&ctx, &delivery.data).or(job_id);
+            Span::current().record("job_id", job_id.as_deref().unwrap_or("-"));
+            Settlement::Stray
+        } else if abandoned {
             job_id = peeked_id(&ctx, &delivery.data).or(job_id);
             Span::current().record("job_id", job_id.as_deref().unwrap_or("-"));
             Settlement::Abandon
@@ -151,7 +165,8 @@ pub async fn handle(
         };
         let apply = settle::apply(&ctx, delivery, settlement, receipt, &drain_over);
         let outcome = Box::pin(apply).await;
-        if outcome.is_settled() {
+        // Not for a stray: its key is the next attempt's, which the job's real retry has too.
+        if outcome.is_settled() && !stray {
             ctx.settled.insert(key);
         }
         // After the settlement is recorded, so that a redelivery waiting for it sees it.

@@ -207,7 +207,7 @@ pub fn of(
     let republishes = match settlement {
         Settlement::Ack(_) => None,
         Settlement::RepublishThenAck(r) => Some(r),
-        Settlement::AlreadyHandled | Settlement::Abandon => return None,
+        Settlement::AlreadyHandled | Settlement::Stray | Settlement::Abandon => return None,
     };
     let outcome = match republishes {
         None => "delivered",

@@ -1,7 +1,9 @@
 //! The deliveries this worker settled lately, so that a broker redelivery after a lost ack is
 //! acked without sending the job twice; and those it is handling now, so that a redelivery that
 //! arrives while its first copy is still being sent waits for that copy's outcome instead of
-//! sending it again.
+//! sending it again. And the copies it republished for jobs it then handed back whole (a lost
+//! confirm), so that such a copy, if the broker stored it after all, is dropped when it comes
+//! back instead of the job being sent twice.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -33,6 +35,10 @@ struct State {
     in_flight: HashMap<u64, BTreeSet<u64>>,
     /// The next ticket.
     next_ticket: u64,
+    /// Copies (by the hash of their `copy-id`) whose job was handed back whole after they were
+    /// published: if the broker stored one, it is a stray, the job living on in its original.
+    strays: HashSet<u64>,
+    strays_order: VecDeque<u64>,
 }
 
 /// A delivery being handled: while it lives, a later redelivery of it waits. Dropping it (after
@@ -89,6 +95,8 @@ impl RecentlySettled {
                 order: VecDeque::with_capacity(capacity),
                 in_flight: HashMap::new(),
                 next_ticket: 0,
+                strays: HashSet::new(),
+                strays_order: VecDeque::new(),
             }),
             capacity,
             finished: Notify::new(),
@@ -124,13 +132,40 @@ impl RecentlySettled {
             order,
             ..
         } = &mut *guard;
-        if set.insert(key) {
-            order.push_back(key);
-            if order.len() > self.capacity
-                && let Some(oldest) = order.pop_front()
-            {
-                set.remove(&oldest);
-            }
+        remember(set, order, key, self.capacity);
+    }
+
+    /// The copy `copy_id` was published (or may have been) for a job that is handed back whole:
+    /// if it comes back, it is a stray.
+    pub fn insert_stray(&self, copy_id: &str) {
+        let mut guard = self.lock();
+        let State {
+            strays,
+            strays_order,
+            ..
+        } = &mut *guard;
+        remember(strays, strays_order, stray_key(copy_id), self.capacity);
+    }
+
+    /// Whether `copy_id` names a stray copy. It stays one: a stray whose ack is lost and that
+    /// comes back again is dropped again.
+    pub fn is_stray(&self, copy_id: &str) -> bool {
+        self.lock().strays.contains(&stray_key(copy_id))
+    }
+}
+
+fn stray_key(copy_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(copy_id.as_bytes())
+}
+
+/// Adds `key` to a bounded set, forgetting the oldest past `capacity`.
+fn remember(set: &mut HashSet<u64>, order: &mut VecDeque<u64>, key: u64, capacity: usize) {
+    if set.insert(key) {
+        order.push_back(key);
+        if order.len() > capacity
+            && let Some(oldest) = order.pop_front()
+        {
+            set.remove(&oldest);
         }
     }
 }
@@ -159,6 +194,21 @@ mod tests {
             settle_key(b"a", 1),
             "another attempt is another delivery"
         );
+    }
+
+    #[test]
+    fn strays_are_remembered_by_copy_id_and_the_oldest_forgotten() {
+        let recent = RecentlySettled::new(2);
+        recent.insert_stray("c-1");
+        assert!(recent.is_stray("c-1"));
+        assert!(recent.is_stray("c-1"), "and stays one");
+        assert!(!recent.is_stray("c-2"));
+        recent.insert_stray("c-2");
+        recent.insert_stray("c-3");
+        assert!(!recent.is_stray("c-1"), "the oldest is forgotten");
+        assert!(recent.is_stray("c-2") && recent.is_stray("c-3"));
+        let key = settle_key(b"c-3", 0);
+        assert!(!recent.contains(key), "strays are not settled deliveries");
     }
 
     #[tokio::test(start_paused = true)]

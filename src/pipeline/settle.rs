@@ -11,9 +11,13 @@
 //! | failed: rejected, invalid, expired, exhausted | `RepublishThenAck` to the dead-letter queue     |
 //! | abandoned before sending               | `Abandon`: left to the broker                          |
 //! | a redelivery this worker settled already | `AlreadyHandled`: ack, not sent again                |
+//! | a stray copy (see below)               | `Stray`: ack, not sent                                 |
 //!
 //! A republish that the broker does not confirm hands the job back whole (nack with requeue),
-//! never acked, so no refused recipient can be acked away unrecorded. When receipts are on,
+//! never acked, so no refused recipient can be acked away unrecorded. The copies this settlement
+//! published, and the unconfirmed one when it may have been stored all the same (its confirm was
+//! lost, not refused), are then strays: the job lives on in its original. Each copy carries its
+//! own `copy-id`; one that comes back to this worker is acked without sending. When receipts are on,
 //! `Ack` and `RepublishThenAck` publish the receipt, confirmed, just before the ack; one that is
 //! not confirmed is tried again with the outcome kept (the job is never sent again for it).
 
@@ -54,6 +58,8 @@ pub enum Settlement {
     RepublishThenAck(Box<Republishes>),
     /// A redelivery of a delivery this worker settled and could not ack: ack, do not send again.
     AlreadyHandled,
+    /// A copy this worker republished for a job it then handed back whole: ack, do not send.
+    Stray,
     /// Leave it unsettled: it was given up before sending because its channel is going away,
     /// and the broker delivers it again.
     Abandon,
@@ -129,7 +135,7 @@ impl Settlement {
                 Target::Retry(_) => JobOutcome::Retried,
                 Target::DeadLetter => JobOutcome::DeadLettered(r.republish.failure.kind),
             },
-            Settlement::AlreadyHandled => JobOutcome::AlreadyHandled,
+            Settlement::AlreadyHandled | Settlement::Stray => JobOutcome::AlreadyHandled,
             Settlement::Abandon => JobOutcome::Abandoned,
         }
     }
@@ -317,6 +323,17 @@ pub async fn apply(
             let _acked = ack(ctx, delivery).await;
             outcome
         }
+        Settlement::Stray => {
+            ctx.metrics.duplicates_avoided.inc();
+            tracing::info!(
+                outcome = "already-handled",
+                "a copy this worker republished although the broker did not confirm it, for a \
+                 job it then handed back whole: the job lives on in its original, so this copy \
+                 is acked without sending"
+            );
+            let _acked = ack(ctx, delivery).await;
+            outcome
+        }
         Settlement::Ack(delivered) => {
             tracing::info!(
                 outcome = "delivered",
@@ -329,8 +346,22 @@ pub async fn apply(
             settled(ack(ctx, delivery).await, receipted, outcome)
         }
         Settlement::RepublishThenAck(republishes) => {
+            let mut published = Vec::new();
             for republish in republishes.all() {
-                if !publish(ctx, &delivery, republish).await {
+                let copy_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                let result = publish(ctx, &delivery, republish, &copy_id).await;
+                let may_exist = result
+                    .as_ref()
+                    .map_or_else(PublishError::may_have_landed, |()| true);
+                if may_exist && matches!(republish.to, Target::Retry(_)) {
+                    published.push(copy_id);
+                }
+                if result.is_err() {
+                    // Handed back whole: a retry copy that the broker holds would be the job a
+                    // second time. Dead letters do not come back to the worker.
+                    for copy_id in &published {
+                        ctx.settled.insert_stray(copy_id);
+                    }
                     if let Some(delivered) = &republishes.delivered {
                         tracing::error!(
                             relay = %delivered.relay,
@@ -384,27 +415,39 @@ fn settled(acked: bool, receipted: bool, outcome: JobOutcome) -> JobOutcome {
     }
 }
 
-/// Publishes one republish and waits for its confirm; logs and counts it once confirmed. False
-/// when the broker did not confirm it.
-async fn publish(ctx: &JobContext, delivery: &Delivery, republish: &Republish) -> bool {
+/// Publishes one republish, as the copy `copy_id`, and waits for its confirm; logs and counts it
+/// once confirmed. An error when the broker did not confirm it.
+async fn publish(
+    ctx: &JobContext,
+    delivery: &Delivery,
+    republish: &Republish,
+    copy_id: &str,
+) -> Result<(), PublishError> {
     let failure = &republish.failure;
     let queue = match republish.to {
         Target::Retry(delay) => ctx.topology.retry_queue(delay),
         Target::DeadLetter => ctx.topology.dead_letter_queue.clone(),
     };
-    let properties = republish_properties(&delivery.properties, failure);
+    let properties = republish_properties(&delivery.properties, failure, copy_id);
     let publish = Box::pin(
         ctx.publisher
             .publish("", &queue, &delivery.data, properties),
     );
     if let Err(publish_error) = publish.await {
+        let stored = if publish_error.may_have_landed() {
+            "; the broker may have stored it all the same: if that copy comes back to this \
+             worker, it is dropped, not sent"
+        } else {
+            ""
+        };
         tracing::error!(
             %publish_error,
             error = %failure.last_error,
             queue = %queue,
-            "could not publish the job to {queue}; handing it back to the work queue"
+            copy_id,
+            "could not publish the job to {queue}; handing it back to the work queue{stored}"
         );
-        return false;
+        return Err(publish_error);
     }
     let recipients = failure.recipients.as_deref().unwrap_or("");
     match republish.to {
@@ -433,7 +476,7 @@ async fn publish(ctx: &JobContext, delivery: &Delivery, republish: &Republish) -
             ctx.metrics.dead_lettered(failure.kind);
         }
     }
-    true
+    Ok(())
 }
 
 /// The first pause before a receipt is published again, and the longest.

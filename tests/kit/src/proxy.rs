@@ -22,6 +22,7 @@ pub struct ProxyStats {
 struct Shared {
     target: SocketAddr,
     blackhole: AtomicBool,
+    deaf: AtomicBool,
     stats: watch::Sender<ProxyStats>,
 }
 
@@ -40,6 +41,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             target,
             blackhole: AtomicBool::new(false),
+            deaf: AtomicBool::new(false),
             stats: watch::Sender::new(ProxyStats::default()),
         });
         let (cut, cut_rx) = watch::channel(0u64);
@@ -76,6 +78,13 @@ impl Proxy {
     /// the black-hole is lifted (like a connection whose handshake got lost).
     pub fn set_blackhole(&self, on: bool) {
         self.shared.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// While true, the client's bytes still reach the target, but the target's replies are
+    /// silently discarded: what a client sends is done, and it never hears so (a lost confirm).
+    /// The streams are then out of step: cut the connections before lifting it.
+    pub fn set_deaf(&self, on: bool) {
+        self.shared.deaf.store(on, Ordering::SeqCst);
     }
 
     /// true: stop listening (ECONNREFUSED); false: re-bind the same port.
@@ -152,15 +161,17 @@ async fn forward(shared: &Shared, client: TcpStream) {
     // An error in either direction ends the whole connection; a clean EOF is passed
     // on as a half-close and the other direction keeps flowing.
     let _ = tokio::try_join!(
-        pump(client_rd, up_wr, &shared.blackhole),
-        pump(up_rd, client_wr, &shared.blackhole)
+        pump(client_rd, up_wr, || shared.blackhole.load(Ordering::SeqCst)),
+        pump(up_rd, client_wr, || {
+            shared.blackhole.load(Ordering::SeqCst) || shared.deaf.load(Ordering::SeqCst)
+        })
     );
 }
 
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
-    blackhole: &AtomicBool,
+    discard: impl Fn() -> bool,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -169,7 +180,7 @@ async fn pump(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        if !blackhole.load(Ordering::SeqCst) {
+        if !discard() {
             to.write_all(&buf[..n]).await?;
         }
     }
