@@ -65,7 +65,8 @@ def toml_keys(text, commented_too=False):
     if commented_too:
         section = None
         for line in text.splitlines():
-            if m := re.match(r"^\[([a-z_]+)\]", line):
+            # A table, or an array of tables shown commented out (`# [[dkim]]`).
+            if m := re.match(r"^\[([a-z_]+)\]", line) or re.match(r"^#\s?\[\[([a-z_]+)\]\]", line):
                 section = m.group(1)
             elif section and (m := re.match(r"^#\s?([a-z_]+) = ", line)):
                 keys.add(f"{section}.{m.group(1)}")

@@ -97,6 +97,19 @@ struct Args {
     /// exchange; off; or both, each case once with and once without, to see what they cost.
     #[arg(long, value_enum, default_value_t = ReceiptsChoice::On)]
     receipts: ReceiptsChoice,
+    /// DKIM signing of every message (`[[dkim]]` for the jobs' sender domain, keys made with
+    /// `openssl genpkey`): off; with an RSA 2048 key; with an Ed25519 key; or all three, each
+    /// case once with each, to see what signing costs.
+    #[arg(long, value_enum, default_value_t = DkimChoice::Off)]
+    dkim: DkimChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DkimChoice {
+    Off,
+    Rsa,
+    Ed25519,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +148,57 @@ struct Case {
     delay: Duration,
     /// Receipts published (to an exchange with nothing bound), as by default.
     receipts: bool,
+    /// DKIM signing: the key's name and the configuration file with its `[[dkim]]` entry.
+    dkim: Option<(&'static str, std::path::PathBuf)>,
+}
+
+impl Case {
+    /// What sets this run apart in the table: receipts off, DKIM on.
+    fn label(&self) -> String {
+        let mut label = String::new();
+        if !self.receipts {
+            label += ", receipts off";
+        }
+        if let Some((name, _)) = &self.dkim {
+            label += &format!(", DKIM {name}");
+        }
+        label
+    }
+}
+
+/// The two DKIM keys: a name, and `openssl genpkey`'s arguments.
+const DKIM_RSA: (&str, &[&str]) = (
+    "rsa-2048",
+    &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+);
+const DKIM_ED25519: (&str, &[&str]) = ("ed25519", &["-algorithm", "ED25519"]);
+
+/// Makes a key with `openssl genpkey` under `target/bench-dkim/`, and a configuration file
+/// whose `[[dkim]]` entry signs the jobs' sender domain (example.com) with it.
+fn dkim_config(name: &'static str, genpkey: &[&str]) -> (&'static str, std::path::PathBuf) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-dkim");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let key = dir.join(format!("{name}.pem"));
+    let made = std::process::Command::new("openssl")
+        .arg("genpkey")
+        .args(genpkey)
+        .arg("-out")
+        .arg(&key)
+        .status()
+        .unwrap_or_else(|e| panic!("openssl genpkey: {e} (install openssl)"));
+    assert!(made.success(), "openssl genpkey {genpkey:?} failed");
+    let algorithm = if name == DKIM_ED25519.0 {
+        "ed25519-sha256"
+    } else {
+        "rsa-sha256"
+    };
+    let config = dir.join(format!("{name}.toml"));
+    let toml = format!(
+        "[[dkim]]\ndomain = \"example.com\"\nselector = \"bench\"\nkey_file = \"{}\"\nalgorithm = \"{algorithm}\"\n",
+        key.display()
+    );
+    std::fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+    (name, config)
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +242,7 @@ impl Options {
             concurrency: 50,
             delay: Duration::ZERO,
             receipts: true,
+            dkim: None,
         };
         let slow = Case {
             name: "slow",
@@ -186,6 +251,7 @@ impl Options {
             concurrency: 200,
             delay: Duration::from_millis(50),
             receipts: true,
+            dkim: None,
         };
         let mut cases = match args.case {
             CaseChoice::Fast => vec![fast],
@@ -204,6 +270,33 @@ impl Options {
             }
             override_case(case);
             case.receipts = args.receipts != ReceiptsChoice::Off;
+        }
+        let keys: &[(&'static str, &[&str])] = match args.dkim {
+            DkimChoice::Off => &[],
+            DkimChoice::Rsa => &[DKIM_RSA],
+            DkimChoice::Ed25519 => &[DKIM_ED25519],
+            DkimChoice::All => &[DKIM_RSA, DKIM_ED25519],
+        };
+        let signed: Vec<(&'static str, std::path::PathBuf)> = keys
+            .iter()
+            .map(|(name, genpkey)| dkim_config(name, genpkey))
+            .collect();
+        if !signed.is_empty() {
+            let unsigned = args.dkim == DkimChoice::All;
+            cases = cases
+                .into_iter()
+                .flat_map(|case| {
+                    let with_keys = signed.iter().map(|key| Case {
+                        dkim: Some(key.clone()),
+                        ..case.clone()
+                    });
+                    unsigned
+                        .then(|| case.clone())
+                        .into_iter()
+                        .chain(with_keys)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
         }
         if args.receipts == ReceiptsChoice::Both {
             cases = cases
@@ -415,7 +508,7 @@ fn print_table(options: &Options, table: &[Row]) {
         println!(
             "| {} ({sink} sink{}) | {} | {} | {} ms | {:.0} | {} | {:.0} | {:.1} MiB | {:.0} ms | {} | {} |",
             case.name,
-            if case.receipts { "" } else { ", receipts off" },
+            case.label(),
             case.jobs,
             case.concurrency,
             case.delay.as_millis(),
@@ -453,9 +546,10 @@ fn cores() -> usize {
 
 fn print_line(what: &str, case: &Case, sink: &str, s: &Sample) {
     let mut line = format!(
-        "{what:<11} case={} receipts={} jobs={} C={} delay={}ms sink={sink}: {:.2} s, {:.0} jobs/s",
+        "{what:<11} case={} receipts={} dkim={} jobs={} C={} delay={}ms sink={sink}: {:.2} s, {:.0} jobs/s",
         case.name,
         if case.receipts { "on" } else { "off" },
+        case.dkim.as_ref().map_or("off", |(name, _)| name),
         case.jobs,
         case.concurrency,
         case.delay.as_millis(),
@@ -1039,12 +1133,17 @@ impl Worker {
     fn spawn(
         options: &Options,
         amqp: &AmqpConfig,
-        concurrency: u16,
+        case: &Case,
         smtp_port: u16,
     ) -> Result<Worker, Error> {
+        let concurrency = case.concurrency;
         let http_port = free_port()?;
         let started = Instant::now();
-        let mut child = Command::new(&options.binary)
+        let mut command = Command::new(&options.binary);
+        if let Some((_, config)) = &case.dkim {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
             .arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -1240,7 +1339,7 @@ async fn worker_run(
     }
     let result = async {
         let mut sink = Sink::start(sink_kind, case.jobs, case.delay).await?;
-        let worker = Worker::spawn(options, &amqp, case.concurrency, sink.port())?;
+        let worker = Worker::spawn(options, &amqp, case, sink.port())?;
         let expected_seconds = case.jobs as f64 / 200.0;
         let timeout = Duration::from_secs_f64(60.0 + expected_seconds);
         worker.wait_consuming().await?;
@@ -1687,7 +1786,7 @@ async fn scale_run(
         let broker_pid = local_broker_port(&options.amqp_url).and_then(listener_pid);
         let mut workers = Vec::new();
         for _ in 0..instances {
-            workers.push(Worker::spawn(options, &amqp, case.concurrency, sink.port())?);
+            workers.push(Worker::spawn(options, &amqp, case, sink.port())?);
         }
         sink.watch(
             workers

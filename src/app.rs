@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{Publisher, Topology, TopologyError};
 use crate::config::{AmbiguousPolicy, Config};
+use crate::dkim::Signers;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
 use crate::pipeline::{Consumer, JobContext, JobEvent, RecentlySettled};
@@ -89,8 +90,11 @@ pub async fn run(
             .and_then(|from| from.parse().ok()),
         message_id_domain: config.smtp.message_id_domain.clone(),
     };
+    // Read before any connection: a key that cannot sign exits 64, naming its entry.
+    let dkim = Signers::new(&config.dkim).map_err(|e| RunError::Config(e.to_string()))?;
     let receipts = topology.events_exchange.clone();
     let ctx = Arc::new(JobContext {
+        dkim,
         receipts,
         receipts_waiting: Default::default(),
         settling: Default::default(),

@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod app;
 pub mod config;
+pub mod dkim;
 pub mod http;
 pub mod job;
 pub mod message;

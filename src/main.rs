@@ -56,6 +56,15 @@ enum Command {
     Health(HealthArgs),
     /// Print receipts as they arrive on the events exchange (filters by outcome and job id).
     Events(EventsArgs),
+    /// Print the DNS TXT record to publish for each DKIM key (`[[dkim]]`), as zone file lines.
+    DkimRecord(DkimRecordArgs),
+}
+
+#[derive(clap::Args)]
+struct DkimRecordArgs {
+    /// Only the keys of this domain.
+    #[arg(long)]
+    domain: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +86,38 @@ fn main() -> ExitCode {
         Command::DeadLetters(command) => tool(dead_letters::run(&config, command)),
         Command::Health(args) => tool(health::run(&config, args)),
         Command::Events(args) => tool(events::run(&config, args)),
+        Command::DkimRecord(args) => dkim_record(&config, args.domain.as_deref()),
     }
+}
+
+/// Prints `<selector>._domainkey.<domain>. IN TXT "…"` for each key (of `domain`, if given).
+fn dkim_record(config: &Config, domain: Option<&str>) -> ExitCode {
+    let wanted = domain.map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase());
+    let mut printed = 0;
+    for (index, entry) in config.dkim.iter().enumerate() {
+        if wanted.as_ref().is_some_and(|d| *d != entry.domain) {
+            continue;
+        }
+        match amqp_mailer::dkim::record(index, entry) {
+            Ok((name, value)) => {
+                println!(
+                    "{name}. IN TXT {}",
+                    amqp_mailer::dkim::quoted_strings(&value)
+                );
+                printed += 1;
+            }
+            Err(e) => {
+                eprintln!("amqp-mailer: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    if printed == 0 {
+        let which = wanted.map_or_else(|| "any domain".to_string(), |d| d.to_string());
+        eprintln!("amqp-mailer: no [[dkim]] entry for {which} in the configuration");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    ExitCode::SUCCESS
 }
 
 /// The tokio runtime: one thread by default (`worker.threads`), more on request.

@@ -29,6 +29,8 @@ pub struct Outgoing {
     pub envelope: Envelope,
     pub bytes: Vec<u8>,
     pub message_id: String,
+    /// The From address's domain, lower case: whose DKIM keys sign it.
+    pub from_domain: String,
 }
 
 /// Domain used when the sender's own cannot stand in a Message-ID (an IDN or an address literal).
@@ -113,6 +115,7 @@ pub fn build(job: &Job, body: &[u8], defaults: &MessageDefaults) -> Result<Outgo
         envelope: message.envelope().clone(),
         bytes: message.formatted(),
         message_id,
+        from_domain: from.email.domain().to_ascii_lowercase(),
     })
 }
 
@@ -458,7 +461,7 @@ mod tests {
         // A bound on the wait, not a speed target: before the fix this took minutes in a debug
         // build, after it milliseconds.
         let (sent, received) = std::sync::mpsc::channel();
-        std::thread::spawn(move || sent.send(build(&job, b"", &defaults())));
+        std::thread::spawn(move || sent.send(Box::new(build(&job, b"", &defaults()))));
         let out = received
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("10,000 reply-to addresses built within 60 s (quadratic again?)")

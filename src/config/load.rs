@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AmqpConfig, ConfigError, HttpConfig, Limits, LogConfig, RelaysConfig, RetryConfig,
+    AmqpConfig, ConfigError, DkimEntry, HttpConfig, Limits, LogConfig, RelaysConfig, RetryConfig,
     ShutdownConfig, SmtpConfig, WorkerConfig,
 };
 
@@ -37,6 +37,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[shutdown]`: the drain's grace period.
     pub shutdown: ShutdownConfig,
+    /// `[[dkim]]`: the DKIM keys, per sender domain. Last: TOML writes arrays of tables after
+    /// the tables.
+    pub dkim: Vec<DkimEntry>,
 }
 
 /// Loads the configuration: defaults, then `file` (if given), then the environment variables in
@@ -144,7 +147,8 @@ impl Config {
         self.retry.validate()?;
         self.log.validate()?;
         self.http.validate()?;
-        self.shutdown.validate()
+        self.shutdown.validate()?;
+        super::dkim::validate_all(&mut self.dkim)
     }
 
     /// The limits a job is decoded under: `[limits]` with `worker.max_job_bytes`.

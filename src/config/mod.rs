@@ -6,6 +6,7 @@
 //! `validate`; `load.rs` reads the sources into [`Config`] and calls them in order.
 
 mod amqp;
+mod dkim;
 pub mod duration;
 mod enums;
 mod error;
@@ -22,6 +23,7 @@ mod smtp;
 mod worker;
 
 pub use amqp::{AmqpConfig, BrokerAuth, BrokerTlsConfig, BrokerUrls, QueueType};
+pub use dkim::{DEFAULT_SIGNED_HEADERS, DkimAlgorithm, DkimEntry, MIN_RSA_BITS};
 /// The former path of [`duration::optional`].
 pub use enums::ConfigEnum;
 pub use error::ConfigError;

@@ -118,6 +118,11 @@ async fn send(
         Err(invalid) => return Attempt::failed(Failure::Invalid, invalid),
     };
     facts.message_id = Some(out.message_id.clone());
+    if let Err(reason) = ctx.dkim.sign(&out.from_domain, &mut out.bytes) {
+        // The key was good at start: the crypto library failing is no fault of the job.
+        tracing::error!(%reason, "could not sign the message; it is retried, not sent unsigned");
+        return Attempt::failed(Failure::Transient, reason);
+    }
     if let Some(list) = &meta.recipients {
         match narrowed(&out.envelope, list) {
             Ok(envelope) => out.envelope = envelope,

@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 
 use super::recent::RecentlySettled;
 use crate::amqp::{Publisher, Topology};
+use crate::dkim::Signers;
 use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ pub struct JobContext {
     pub schedule: Schedule,
     pub limits: Limits,
     pub defaults: MessageDefaults,
+    /// The DKIM keys, per sender domain (`[[dkim]]`).
+    pub dkim: Signers,
     /// `retry.max_age`: a job unsent this long after its first failure is not sent late.
     pub max_age: Option<Duration>,
     pub metrics: Arc<Metrics>,
