@@ -21,6 +21,12 @@ use crate::systemd;
 /// The first pause after a lost broker connection; it doubles up to `amqp.reconnect_max_delay`.
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
+/// The longest pause once a node has answered during an outage: the broker is there and only
+/// settling, so it is asked again within a second, not after a grown back-off (a whole-cluster
+/// restart missed the 5 s mark by the back-off's 2 s). Still a pause: a broker that keeps
+/// refusing the session is asked about once a second, not hammered.
+const ANSWERED_MAX_DELAY: Duration = Duration::from_secs(1);
+
 /// Where reconnecting stands: the back-off, the node to try first, and the outage so far.
 struct Reconnect {
     delay: Duration,
@@ -49,9 +55,9 @@ impl Reconnect {
     /// A node answered: its connection opened, whatever becomes of the session. When that
     /// happens during an outage, the broker is back and only settling (just after a cluster
     /// restart, a quorum queue may have no leader yet and refuse the declare or the consume):
-    /// the back-off starts again from its first pause, so that the worker does not sit out
-    /// whole pauses of the grown back-off while the broker is there. Once per outage, so that a
-    /// broker that keeps refusing the session is still backed off, not hammered.
+    /// the back-off starts again from its first pause, once per outage, and grows no further
+    /// than `ANSWERED_MAX_DELAY` for the rest of it, so that the worker does not sit out whole
+    /// pauses of the grown back-off while the broker is there.
     fn answered(&mut self) {
         if self.outage.is_some() && !self.answered {
             self.answered = true;
@@ -77,8 +83,13 @@ impl Reconnect {
                 tracing::debug!(%reason, attempts = *attempts, "still no broker");
             }
         }
-        let pause = jittered(self.delay);
-        self.delay = (self.delay * 2).min(self.max);
+        let max = if self.answered {
+            self.max.min(ANSWERED_MAX_DELAY)
+        } else {
+            self.max
+        };
+        let pause = jittered(self.delay.min(max));
+        self.delay = (self.delay * 2).min(max);
         pause
     }
 
@@ -379,10 +390,16 @@ mod tests {
         assert_eq!(r.delay, FIRST_RECONNECT_DELAY);
         let pause = r.lost("queue has no leader yet", 3);
         assert!(pause <= FIRST_RECONNECT_DELAY, "{pause:?}");
-        // Answering again in the same outage does not reset it again: backed off as usual.
+        // Answering again in the same outage does not reset it again; but while it answers,
+        // the back-off grows to a second at most, not to its cap.
         r.lost("queue has no leader yet", 3);
         r.answered();
         assert_eq!(r.delay, FIRST_RECONNECT_DELAY * 4);
+        for _ in 0..5 {
+            let pause = r.lost("queue has no leader yet", 3);
+            assert!(pause <= ANSWERED_MAX_DELAY, "{pause:?}");
+        }
+        assert_eq!(r.delay, ANSWERED_MAX_DELAY);
         // A new outage may reset it again.
         r.consuming(0, "node 0", "q", 1);
         for _ in 0..5 {
