@@ -24,13 +24,12 @@ struct Signer {
 }
 
 /// The signers of every configured domain.
-#[derive(Default)]
 pub struct Signers {
     by_domain: HashMap<String, Vec<Signer>>,
 }
 
 /// A key read from its file, with what its DNS record publishes.
-pub struct LoadedKey {
+struct LoadedKey {
     key: DkimKey,
     /// The `p=` of its record: the SubjectPublicKeyInfo (RSA) or the raw key (Ed25519).
     public: Vec<u8>,
@@ -59,16 +58,12 @@ impl Signers {
         Ok(Self { by_domain })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_domain.is_empty()
-    }
-
     /// Signs `message` with every key of `from_domain` (lower case), adding their headers at
-    /// its top; a domain without a key leaves it as it is. Returns how many signatures were
-    /// added. An error (the crypto library failed) leaves the message unsigned.
-    pub fn sign(&self, from_domain: &str, message: &mut Vec<u8>) -> Result<usize, String> {
+    /// its top; a domain without a key leaves it as it is. An error (the crypto library
+    /// failed) leaves the message unsigned.
+    pub fn sign(&self, from_domain: &str, message: &mut Vec<u8>) -> Result<(), String> {
         let Some(signers) = self.by_domain.get(from_domain) else {
-            return Ok(0);
+            return Ok(());
         };
         let mut headers = Vec::with_capacity(signers.len() * 512);
         for signer in signers {
@@ -81,7 +76,7 @@ impl Signers {
             signature.write_header(&mut headers);
         }
         message.splice(0..0, headers);
-        Ok(signers.len())
+        Ok(())
     }
 }
 

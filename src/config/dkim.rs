@@ -82,7 +82,7 @@ impl DkimEntry {
             .trim()
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        if domain.is_empty() || !is_dns_name(&domain) {
+        if !is_dns_name(&domain) {
             return Err(ConfigError::new(
                 Self::key(index, "domain"),
                 format!(
