@@ -53,7 +53,7 @@ def readme_keys():
     """section.key for every row of README's configuration table."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## Configuration", 1)[-1].split("\n## ", 1)[0]
-    keys = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", section, re.M))
+    keys = set(re.findall(r"^\| `([a-z_0-9]+(?:\.[a-z_0-9]+)+)` \|", section, re.M))
     if not keys:
         sys.exit("check_deploy: found no configuration table in README.md ('## Configuration')")
     return keys
@@ -65,8 +65,11 @@ def toml_keys(text, commented_too=False):
     if commented_too:
         section = None
         for line in text.splitlines():
-            # A table, or an array of tables shown commented out (`# [[dkim]]`).
-            if m := re.match(r"^\[([a-z_]+)\]", line) or re.match(r"^#\s?\[\[([a-z_]+)\]\]", line):
+            # A table, or a table or array of tables shown commented out (`# [smtp.oauth2]`,
+            # `# [[dkim]]`).
+            if m := re.match(r"^\[([a-z_0-9.]+)\]", line) or re.match(
+                r"^#\s?\[\[?([a-z_0-9.]+)\]\]?\s*$", line
+            ):
                 section = m.group(1)
             elif section and (m := re.match(r"^#\s?([a-z_]+) = ", line)):
                 keys.add(f"{section}.{m.group(1)}")

@@ -69,7 +69,9 @@ impl Status {
                     .to_string(),
             ),
             Phase::Consuming if relay_auth_failing => Err(
-                "relay authentication failing: check smtp.username and the password".to_string(),
+                "relay authentication failing: check the relay's user name and password, or its OAuth2 \
+                 token source (see the log)"
+                    .to_string(),
             ),
             Phase::Consuming => Ok(()),
             Phase::Starting => Err(format!("starting: {detail}")),

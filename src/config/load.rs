@@ -498,6 +498,61 @@ mod tests {
     }
 
     #[test]
+    fn xoauth2_is_per_relay_and_each_gap_names_the_entry_key() {
+        let (dir, _) = write_file("");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok\n").expect("write");
+        let m365 = format!(
+            "[[relays.list]]\nname = \"m365\"\nhost = \"smtp.office365.com\"\n\
+             username = \"app@example.com\"\nauth_mechanisms = [\"xoauth2\"]\n\
+             oauth2 = {{ token_file = \"{}\" }}\n",
+            token.display()
+        );
+        let with = |m365: &str| {
+            format!(
+                "[smtp]\nusername = \"u\"\npassword = \"p\"\n[[relays.list]]\nname = \"own\"\n{m365}"
+            )
+        };
+        let (_d, path) = write_file(&with(&m365));
+        let config = load(Some(&path), env(&[])).expect("valid");
+        let relays = config.relays();
+        assert_eq!(
+            relays[0].smtp.auth_mechanisms,
+            [AuthMechanism::Plain, AuthMechanism::Login]
+        );
+        assert_eq!(relays[1].smtp.auth_mechanisms, [AuthMechanism::Xoauth2]);
+        assert_eq!(relays[1].smtp.password, None, "the entry's own credentials");
+        assert!(relays[1].smtp.oauth2.is_some());
+
+        for (broken, key) in [
+            (
+                m365.replace("oauth2 = {", "# {"),
+                "relays.list[1].oauth2.token_file",
+            ),
+            (
+                m365.replace("username = \"app@example.com\"\n", ""),
+                "relays.list[1].username",
+            ),
+            (
+                m365.replace("[\"xoauth2\"]", "[\"xoauth2\", \"login\"]"),
+                "relays.list[1].auth_mechanisms",
+            ),
+            (
+                m365.replace("[\"xoauth2\"]", "[\"plain\"]"),
+                "relays.list[1].auth_mechanisms",
+            ),
+            (
+                m365.replace("token_file = \"", "token_file = \"/nonexistent"),
+                "relays.list[1].oauth2.token_file",
+            ),
+        ] {
+            let (_d, path) = write_file(&with(&broken));
+            let error = load(Some(&path), env(&[])).expect_err(key);
+            assert_eq!(error.key, key, "{broken}: {error}");
+        }
+    }
+
+    #[test]
     fn relays_are_resolved_over_smtp_with_their_limits() {
         let (_dir, path) = write_file(
             "[worker]\nconcurrency = 8\n[smtp]\nhost = \"main.example\"\n\

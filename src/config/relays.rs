@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::duration::{self, positive};
 use super::enums::by_name;
 use super::smtp::read_password_file;
-use super::{Config, ConfigError, Secret, SmtpConfig, TlsMode};
+use super::{AuthMechanism, Config, ConfigError, OAuth2Config, Secret, SmtpConfig, TlsMode};
 
 /// How jobs are spread over the relays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -64,13 +64,17 @@ pub struct RelayEntry {
     pub tls: Option<TlsMode>,
     /// Extra CA certificates, as `smtp.ca_file`. Default `smtp.ca_file`.
     pub ca_file: Option<PathBuf>,
-    /// User for SMTP AUTH. With any of `username`, `password`, `password_file` the entry has its
-    /// own credentials; without, it uses `[smtp]`'s.
+    /// User for SMTP AUTH. With any of `username`, `password`, `password_file`, `oauth2` the
+    /// entry has its own credentials; without, it uses `[smtp]`'s.
     pub username: Option<String>,
     /// Password for SMTP AUTH. Prefer `password_file`.
     pub password: Option<Secret>,
     /// File holding the password; trailing newline ignored. Read while loading.
     pub password_file: Option<PathBuf>,
+    /// Its XOAUTH2 token source, as `[smtp.oauth2]`; part of the entry's own credentials.
+    pub oauth2: Option<OAuth2Config>,
+    /// Mechanisms to offer, as `smtp.auth_mechanisms`. Default `smtp.auth_mechanisms`.
+    pub auth_mechanisms: Option<Vec<AuthMechanism>>,
     /// Share of the jobs in `round-robin` mode. Default 1.
     pub weight: Option<u32>,
     /// Messages per second, 0 for no limit. Default `smtp.rate_limit`.
@@ -82,7 +86,10 @@ pub struct RelayEntry {
 impl RelayEntry {
     /// The entry brings its own credentials rather than `[smtp]`'s.
     fn has_credentials(&self) -> bool {
-        self.username.is_some() || self.password.is_some() || self.password_file.is_some()
+        self.username.is_some()
+            || self.password.is_some()
+            || self.password_file.is_some()
+            || self.oauth2.is_some()
     }
 }
 
@@ -110,6 +117,9 @@ impl RelaysConfig {
                 entry.password_file.as_deref(),
                 &section,
             )?;
+            if let Some(oauth2) = &mut entry.oauth2 {
+                oauth2.validate(&format!("{section}.oauth2"))?;
+            }
         }
         Ok(())
     }
@@ -186,25 +196,38 @@ impl ResolvedRelay {
                 format!("{} is not a readable file", ca.display()),
             ));
         }
-        match (&smtp.username, &smtp.password) {
-            (Some(_), None) => {
+        if smtp.auth_mechanisms.contains(&AuthMechanism::Xoauth2) {
+            self.validate_xoauth2()?;
+        } else {
+            if smtp.oauth2.is_some() {
                 return Err(ConfigError::new(
-                    key("password"),
+                    key("auth_mechanisms"),
                     format!(
-                        "{} is set, so a password is needed ({} or {})",
-                        key("username"),
-                        key("password"),
-                        key("password_file")
+                        "{} is set, but xoauth2 is not among the mechanisms: add it",
+                        key("oauth2")
                     ),
                 ));
             }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    key("username"),
-                    "a password is set, so a user name is needed too",
-                ));
+            match (&smtp.username, &smtp.password) {
+                (Some(_), None) => {
+                    return Err(ConfigError::new(
+                        key("password"),
+                        format!(
+                            "{} is set, so a password is needed ({} or {})",
+                            key("username"),
+                            key("password"),
+                            key("password_file")
+                        ),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        key("username"),
+                        "a password is set, so a user name is needed too",
+                    ));
+                }
+                (Some(_), Some(_)) | (None, None) => {}
             }
-            (Some(_), Some(_)) | (None, None) => {}
         }
         if !(smtp.rate_limit.is_finite() && smtp.rate_limit >= 0.0) {
             return Err(ConfigError::new(
@@ -216,6 +239,45 @@ impl ResolvedRelay {
             return Err(ConfigError::new(
                 key("max_connections"),
                 "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ResolvedRelay {
+    /// XOAUTH2: alone among the mechanisms, with a user name and a token source, no password.
+    fn validate_xoauth2(&self) -> Result<(), ConfigError> {
+        let smtp = &self.smtp;
+        let key = |field| self.origin.key(field);
+        if smtp.auth_mechanisms.len() > 1 {
+            return Err(ConfigError::new(
+                key("auth_mechanisms"),
+                "xoauth2 authenticates with a token, the others with a password: give xoauth2 \
+                 alone",
+            ));
+        }
+        if smtp.username.is_none() {
+            return Err(ConfigError::new(
+                key("username"),
+                "XOAUTH2 needs the user name (the mailbox the token is for)",
+            ));
+        }
+        if smtp.password.is_some() {
+            return Err(ConfigError::new(
+                key("password"),
+                "with xoauth2 the token replaces the password: remove it",
+            ));
+        }
+        if smtp.oauth2.is_none() {
+            return Err(ConfigError::new(
+                format!("{}.token_file", key("oauth2")),
+                format!(
+                    "{} has xoauth2: give its token source ({}.token_file or {}.token_url)",
+                    key("auth_mechanisms"),
+                    key("oauth2"),
+                    key("oauth2")
+                ),
             ));
         }
         Ok(())
@@ -276,7 +338,12 @@ impl Config {
                 smtp.username = entry.username.clone();
                 smtp.password = entry.password.clone();
                 smtp.password_file = entry.password_file.clone();
-                given.extend(["username", "password", "password_file"]);
+                smtp.oauth2 = entry.oauth2.clone();
+                given.extend(["username", "password", "password_file", "oauth2"]);
+            }
+            if let Some(mechanisms) = &entry.auth_mechanisms {
+                smtp.auth_mechanisms = mechanisms.clone();
+                given.push("auth_mechanisms");
             }
             if let Some(rate) = entry.rate_limit {
                 smtp.rate_limit = rate;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::{self, positive};
 use super::enums::{ConfigEnum, by_name};
-use super::{ConfigError, Secret};
+use super::{ConfigError, OAuth2Config, Secret};
 
 /// How the connection to a relay is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -34,6 +34,8 @@ pub enum AuthMechanism {
     Plain,
     /// `AUTH LOGIN`.
     Login,
+    /// `AUTH XOAUTH2`: an OAuth2 access token from `oauth2` instead of a password.
+    Xoauth2,
 }
 
 /// What to do when a send may have reached the relay (a timeout or a dropped connection after
@@ -71,9 +73,11 @@ pub struct SmtpConfig {
     /// Read while the configuration is loaded. Default unset.
     pub password_file: Option<PathBuf>,
     /// Mechanisms to offer, in order of preference. Default `["plain", "login"]`; in the
-    /// environment a comma-separated list (`plain,login`).
+    /// environment a comma-separated list (`plain,login`). `xoauth2` stands alone.
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub auth_mechanisms: Vec<AuthMechanism>,
+    /// Where the XOAUTH2 token comes from (`[smtp.oauth2]`). Default unset.
+    pub oauth2: Option<OAuth2Config>,
     /// Deadline for a whole send (connect, TLS, AUTH, envelope, data). Default `30s`.
     #[serde(with = "duration")]
     pub timeout: Duration,
@@ -123,6 +127,7 @@ impl Default for SmtpConfig {
             password: None,
             password_file: None,
             auth_mechanisms: vec![AuthMechanism::Plain, AuthMechanism::Login],
+            oauth2: None,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(60),
@@ -186,6 +191,9 @@ impl SmtpConfig {
                 format!("give at least one of {}", AuthMechanism::names().join(", ")),
             ));
         }
+        if let Some(oauth2) = &mut self.oauth2 {
+            oauth2.validate("smtp.oauth2")?;
+        }
         read_password_file(&mut self.password, self.password_file.as_deref(), "smtp")
     }
 }
@@ -197,22 +205,34 @@ pub(super) fn read_password_file(
     file: Option<&Path>,
     section: &str,
 ) -> Result<(), ConfigError> {
+    read_secret_file(
+        password,
+        file,
+        &format!("{section}.password"),
+        &format!("{section}.password_file"),
+    )
+}
+
+/// Reads a secret's file into the secret: `secret_key` and `file_key` name the two keys, one of
+/// which may be set. Trailing line endings are dropped.
+pub(super) fn read_secret_file(
+    secret: &mut Option<Secret>,
+    file: Option<&Path>,
+    secret_key: &str,
+    file_key: &str,
+) -> Result<(), ConfigError> {
     let Some(path) = file else {
         return Ok(());
     };
-    if password.is_some() {
+    if secret.is_some() {
         return Err(ConfigError::new(
-            format!("{section}.password_file"),
-            format!("set either {section}.password or {section}.password_file, not both"),
+            file_key,
+            format!("set either {secret_key} or {file_key}, not both"),
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
-            format!("{section}.password_file"),
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
-    *password = Some(Secret::new(text.trim_end_matches(['\r', '\n'])));
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(file_key, format!("cannot read {}: {e}", path.display())))?;
+    *secret = Some(Secret::new(text.trim_end_matches(['\r', '\n'])));
     Ok(())
 }
 

@@ -168,8 +168,9 @@ fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Failure {
             tracing::error!(
                 relay = %relay,
                 error = %error,
-                "the relay refused our authentication; check smtp.username and the password. \
-                 Jobs are retried, not dead-lettered"
+                "the relay refused our authentication; check the relay's user name and password \
+                 (or, with xoauth2, the token's account and scope). Jobs are retried, not \
+                 dead-lettered"
             );
             Failure::Transient
         }

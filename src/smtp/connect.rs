@@ -23,6 +23,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
 
 use super::error::{Local, SendError, Stage, StageCell};
+use super::oauth2::Token;
 use crate::config::{AuthMechanism, SmtpConfig, TlsMode, pem};
 
 /// Everything needed to open a session, prepared once at start-up.
@@ -31,7 +32,10 @@ pub(crate) struct Connector {
     port: u16,
     mode: TlsMode,
     hello: ClientId,
+    /// Static credentials (PLAIN, LOGIN); `None` with XOAUTH2, whose secret is the token.
     credentials: Option<Credentials>,
+    /// The user name for XOAUTH2.
+    oauth_user: Option<String>,
     mechanisms: Vec<Mechanism>,
     connect_timeout: Duration,
     /// For STARTTLS, done by lettre.
@@ -101,6 +105,8 @@ impl Connector {
             Some(name) => ClientId::Domain(name.clone()),
             None => ClientId::default(),
         };
+        let xoauth2 = config.auth_mechanisms.contains(&AuthMechanism::Xoauth2);
+        let oauth_user = config.username.clone().filter(|_| xoauth2);
         let credentials = match (&config.username, &config.password) {
             (Some(user), Some(password)) => Some(Credentials::new(
                 user.clone(),
@@ -114,6 +120,7 @@ impl Connector {
             .map(|m| match m {
                 AuthMechanism::Plain => Mechanism::Plain,
                 AuthMechanism::Login => Mechanism::Login,
+                AuthMechanism::Xoauth2 => Mechanism::Xoauth2,
             })
             .collect();
 
@@ -123,6 +130,7 @@ impl Connector {
             mode: config.tls,
             hello,
             credentials,
+            oauth_user,
             mechanisms,
             connect_timeout: config.connect_timeout,
             starttls,
@@ -143,8 +151,8 @@ impl Connector {
             TlsMode::Opportunistic => "STARTTLS if offered, else plain",
             TlsMode::Tls => "implicit TLS",
         };
-        let auth = match &self.credentials {
-            Some(_) => format!(
+        let auth = match (&self.credentials, &self.oauth_user) {
+            (Some(_), _) | (None, Some(_)) => format!(
                 "AUTH {}",
                 self.mechanisms
                     .iter()
@@ -152,16 +160,18 @@ impl Connector {
                     .collect::<Vec<_>>()
                     .join("/")
             ),
-            None => "no AUTH".to_string(),
+            (None, None) => "no AUTH".to_string(),
         };
         format!("{} ({tls}, {auth})", self.endpoint())
     }
 
     /// Opens a session ready for MAIL FROM, and says whether the relay offers PIPELINING.
-    /// `stage` follows the progress, for errors.
+    /// `stage` follows the progress, for errors; `token` is the XOAUTH2 token, if the relay
+    /// takes one.
     pub(crate) async fn connect(
         &self,
         stage: &StageCell,
+        token: Option<&Token>,
     ) -> Result<(AsyncSmtpConnection, bool), SendError> {
         stage.set(Stage::Connect);
         let tcp = match tokio::time::timeout(
@@ -244,7 +254,13 @@ impl Connector {
             }
         };
 
-        if let Some(credentials) = &self.credentials {
+        let credentials = match (&self.oauth_user, token) {
+            (Some(user), Some(token)) => {
+                Some(Credentials::new(user.clone(), token.value().to_string()))
+            }
+            _ => self.credentials.clone(),
+        };
+        if let Some(credentials) = &credentials {
             stage.set(Stage::Auth);
             if let Err(e) = conn.auth(&self.mechanisms, credentials).await {
                 conn.abort().await;

@@ -3,7 +3,7 @@
 //!
 //! Several relays (failover or weighted round-robin, `relay_set.rs`) each have a pool of sessions,
 //! a rate limit and an overload window (`relay.rs`, `flow.rs`); a session is opened by
-//! `connect.rs`; a transaction keeps each recipient's reply (`transaction.rs`); every failure gets
+//! `connect.rs`, with an XOAUTH2 token from `oauth2.rs` where the relay wants one; a transaction keeps each recipient's reply (`transaction.rs`); every failure gets
 //! its one verdict where it is born (`error.rs`), and a send given up is not a failure
 //! (`Abandoned`).
 //!
@@ -18,6 +18,7 @@
 mod connect;
 mod error;
 pub mod flow;
+mod oauth2;
 mod relay;
 mod relay_set;
 mod transaction;

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::connect::{Connector, TlsSetupError};
 use super::error::{Abandoned, JobMeaning, Local, SendError, Stage, StageCell, Stop};
 use super::flow::{RateLimit, Window};
+use super::oauth2::{Token, TokenSource};
 use super::transaction::{Sent, transaction};
-use crate::config::{RelayLimits, SmtpConfig};
+use crate::config::{AuthMechanism, RelayLimits, SmtpConfig};
 use crate::message::Outgoing;
 use crate::metrics::RelayMetrics;
 
@@ -22,6 +23,8 @@ struct Session {
     conn: AsyncSmtpConnection,
     /// The relay offered PIPELINING.
     pipelining: bool,
+    /// The generation of the XOAUTH2 token it authenticated with.
+    token: Option<u64>,
     last_used: Instant,
     gauge: prometheus_client::metrics::gauge::Gauge,
     _permit: OwnedSemaphorePermit,
@@ -30,6 +33,7 @@ struct Session {
 impl Session {
     fn new(
         (conn, pipelining): (AsyncSmtpConnection, bool),
+        token: Option<u64>,
         permit: OwnedSemaphorePermit,
         gauge: prometheus_client::metrics::gauge::Gauge,
     ) -> Self {
@@ -37,6 +41,7 @@ impl Session {
         Self {
             conn,
             pipelining,
+            token,
             last_used: Instant::now(),
             gauge,
             _permit: permit,
@@ -60,6 +65,8 @@ pub struct Relay {
     name: String,
     weight: u32,
     connector: Connector,
+    /// Where its XOAUTH2 tokens come from, if it takes them.
+    tokens: Option<TokenSource>,
     /// One permit per open session: never more than `max_connections` open at once.
     sessions: Arc<Semaphore>,
     idle: Mutex<Vec<Session>>,
@@ -89,10 +96,20 @@ impl Relay {
     ) -> Result<Self, TlsSetupError> {
         metrics.window.set(limits.max_connections as i64);
         metrics.healthy.set(1);
+        let tokens = match &config.oauth2 {
+            Some(oauth2) if config.auth_mechanisms.contains(&AuthMechanism::Xoauth2) => {
+                Some(TokenSource::new(&name, oauth2).map_err(|e| TlsSetupError {
+                    key: "smtp.oauth2",
+                    message: e.to_string(),
+                })?)
+            }
+            Some(_) | None => None,
+        };
         Ok(Self {
+            connector: Connector::new(config)?,
+            tokens,
             name,
             weight: weight.max(1),
-            connector: Connector::new(config)?,
             sessions: Arc::new(Semaphore::new(limits.max_connections)),
             idle: Mutex::new(Vec::new()),
             max_idle: limits.max_idle,
@@ -123,16 +140,27 @@ impl Relay {
 
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
-        self.connector.describe()
+        match &self.tokens {
+            Some(tokens) => format!("{}, {}", self.connector.describe(), tokens.describe()),
+            None => self.connector.describe(),
+        }
     }
 
-    /// True after an authentication failure, until a session authenticates again.
+    /// True after an authentication failure, until a session authenticates again, and while no
+    /// XOAUTH2 token can be had.
     pub fn auth_failing(&self) -> bool {
-        self.auth_failing.load(Ordering::Relaxed)
+        self.auth_failing.load(Ordering::Relaxed) || self.tokens_failing()
     }
 
-    /// False while the relay cools down after repeated failures.
+    fn tokens_failing(&self) -> bool {
+        self.tokens.as_ref().is_some_and(TokenSource::failing)
+    }
+
+    /// False while the relay cools down after repeated failures, or has no XOAUTH2 token.
     pub fn healthy(&self) -> bool {
+        if self.tokens_failing() {
+            return false;
+        }
         let mut until = self.cooling_until.lock().unwrap_or_else(|e| e.into_inner());
         match *until {
             Some(at) if Instant::now() < at => false,
@@ -177,29 +205,47 @@ impl Relay {
         }
     }
 
-    /// Sends one message: waits for the rate limit and the overload window, then sends within
-    /// the deadline (`smtp.timeout`). An overload reply makes the job wait its turn again instead
-    /// of failing, `overload_retries` times at most. Once `abandon` is cancelled, a send that has
-    /// not yet started writing the message gives up: `Err(Abandoned)`, which counts in neither
-    /// the metrics nor the relay's health.
+    /// Sends one message: waits for an XOAUTH2 token (if the relay takes them), the rate limit
+    /// and the overload window, then sends within the deadline (`smtp.timeout`). An overload
+    /// reply makes the job wait its turn again instead of failing, `overload_retries` times at
+    /// most; a token the relay refuses is replaced once. Once `abandon` is cancelled, a send that
+    /// has not yet started writing the message gives up: `Err(Abandoned)`, which counts in
+    /// neither the metrics nor the relay's health.
     pub async fn send(
         &self,
         out: &Outgoing,
         abandon: &CancellationToken,
     ) -> Result<Result<Sent, SendError>, Abandoned> {
         let mut overloads = 0;
+        let mut token_refused = false;
         loop {
+            // Before the deadline: a token endpoint that is down makes jobs wait, not fail.
+            let token = match &self.tokens {
+                Some(tokens) => Some(tokens.wait(abandon).await?),
+                None => None,
+            };
             if let Some(rate) = &self.rate {
                 rate.acquire().await;
             }
             let slot = self.window.acquire().await;
-            let result = match self.send_once(out, abandon).await {
+            let result = match self.send_once(out, abandon, token.as_deref()).await {
                 Ok(sent) => Ok(sent),
                 Err(Stop::Failed(error)) => Err(error),
                 Err(Stop::Abandoned) => return Err(Abandoned),
             };
             match &result {
                 Ok(_) => slot.succeeded(),
+                Err(e) if !token_refused && e.verdict().job() == JobMeaning::Auth => {
+                    if let (Some(tokens), Some(token)) = (&self.tokens, &token) {
+                        // Revoked or expired early: a new token before it counts as a failure.
+                        tracing::info!(relay = %self.name, error = %e, "the relay refused the OAuth2 token; getting a new one");
+                        tokens.reject(token);
+                        token_refused = true;
+                        drop(slot);
+                        continue;
+                    }
+                    drop(slot);
+                }
                 Err(e) if self.flow_control && e.verdict().is_overload() => {
                     slot.overloaded();
                     self.metrics.overloads.inc();
@@ -218,10 +264,15 @@ impl Relay {
         }
     }
 
-    async fn send_once(&self, out: &Outgoing, abandon: &CancellationToken) -> Result<Sent, Stop> {
+    async fn send_once(
+        &self,
+        out: &Outgoing,
+        abandon: &CancellationToken,
+        token: Option<&Token>,
+    ) -> Result<Sent, Stop> {
         let started = Instant::now();
         let stage = StageCell::new();
-        let send = self.send_inner(out, &stage, abandon);
+        let send = self.send_inner(out, &stage, abandon, token);
         let result = match tokio::time::timeout(self.deadline, send).await {
             Ok(result) => result,
             // The cancelled send's session was dropped, never returned to the pool half-done.
@@ -263,6 +314,7 @@ impl Relay {
         out: &Outgoing,
         stage: &StageCell,
         abandon: &CancellationToken,
+        token: Option<&Token>,
     ) -> Result<Sent, Stop> {
         // A pooled session may have been closed by the relay while idle; that shows at MAIL
         // FROM, before anything about the message was said. One fresh session is tried then.
@@ -271,7 +323,7 @@ impl Relay {
             if abandon.is_cancelled() {
                 return Err(Stop::Abandoned);
             }
-            let (mut session, reused) = self.checkout(stage, fresh_only).await?;
+            let (mut session, reused) = self.checkout(stage, fresh_only, token).await?;
             match transaction(&mut session.conn, session.pipelining, out, stage, abandon).await {
                 Ok((sent, reusable)) => {
                     if reusable {
@@ -301,15 +353,21 @@ impl Relay {
         &self,
         stage: &StageCell,
         fresh_only: bool,
+        token: Option<&Token>,
     ) -> Result<(Session, bool), SendError> {
+        let generation = token.map(|t| t.generation);
         if !fresh_only {
             loop {
                 let candidate = self.lock_idle().pop();
                 match candidate {
-                    Some(session) if session.last_used.elapsed() < self.idle_timeout => {
+                    Some(session)
+                        if session.last_used.elapsed() < self.idle_timeout
+                            && session.token == generation =>
+                    {
                         return Ok((session, true));
                     }
                     // Past our idle timeout: the relay may be about to close it; don't risk it.
+                    // Or opened with a token that has since been replaced (it expires soon).
                     Some(expired) => {
                         tokio::spawn(expired.quit());
                     }
@@ -327,9 +385,9 @@ impl Relay {
                 ));
             }
         };
-        let conn = self.connector.connect(stage).await?;
+        let conn = self.connector.connect(stage, token).await?;
         Ok((
-            Session::new(conn, permit, self.metrics.sessions_open.clone()),
+            Session::new(conn, generation, permit, self.metrics.sessions_open.clone()),
             false,
         ))
     }

@@ -7,7 +7,8 @@
 //! (the soak's verdict). The parts that open sockets, talk to the broker or start processes are
 //! behind the default feature `io`: the scripted SMTP relay ([`smtp`]), the fault proxy
 //! ([`proxy`]), the broker ([`broker`]), the three-node cluster of `.ci/rabbitmq-cluster` ([`cluster`]), the binary as a child process ([`process`]), the worker
-//! in-process ([`worker`]) and a throwaway certificate authority ([`pki`]).
+//! in-process ([`worker`]), a throwaway certificate authority ([`pki`]) and an OAuth2 token
+//! endpoint ([`oauth`]).
 
 pub mod hostile;
 pub mod invariants;
@@ -19,6 +20,8 @@ pub mod targets;
 pub mod broker;
 #[cfg(feature = "io")]
 pub mod cluster;
+#[cfg(feature = "io")]
+pub mod oauth;
 #[cfg(feature = "io")]
 pub mod pki;
 #[cfg(feature = "io")]

@@ -194,11 +194,15 @@ impl SmtpState {
     }
 }
 
+/// Says whether an XOAUTH2 bearer token is valid now.
+type TokenCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 #[derive(Default)]
 struct Config {
     rules: Vec<(Rule, usize)>, // rule and how many times it has been used
     data_delay: Duration,
     auth: Option<(String, String)>,
+    xoauth2: Option<(String, TokenCheck)>,
 }
 
 struct Shared {
@@ -297,6 +301,16 @@ impl SmtpServer {
     /// Advertise AUTH PLAIN LOGIN; MAIL without a successful AUTH then gets 530.
     pub fn require_auth(&self, user: &str, password: &str) {
         self.shared.config().auth = Some((user.to_string(), password.to_string()));
+    }
+    /// Advertise AUTH XOAUTH2 only: AUTH succeeds for `user` with a token `valid` accepts
+    /// (535 otherwise), and every MAIL FROM checks the session's token again: once it has
+    /// expired the session gets `454 4.7.0` (as a relay that enforces token lifetimes would).
+    pub fn require_xoauth2(
+        &self,
+        user: &str,
+        valid: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) {
+        self.shared.config().xoauth2 = Some((user.to_string(), Arc::new(valid)));
     }
 
     /// true: close the listener (connections get ECONNREFUSED); false: re-bind the
@@ -442,6 +456,7 @@ async fn run_session(shared: Arc<Shared>, stream: TcpStream, mut kill: watch::Re
         rcpts: Vec::new(),
         authed: false,
         auth_user: None,
+        bearer: None,
     };
     // Any I/O error (or a scripted Drop/Stall end) just ends the session quietly.
     tokio::select! {
@@ -493,6 +508,8 @@ struct Session {
     rcpts: Vec<String>,
     authed: bool,
     auth_user: Option<String>,
+    /// The XOAUTH2 token the session authenticated with.
+    bearer: Option<String>,
 }
 
 impl Session {
@@ -527,6 +544,8 @@ impl Session {
                         format!("localhost greets {arg}\n8BITMIME\nSMTPUTF8\nPIPELINING\nSIZE 0");
                     if self.shared.config().auth.is_some() {
                         text.push_str("\nAUTH PLAIN LOGIN");
+                    } else if self.shared.config().xoauth2.is_some() {
+                        text.push_str("\nAUTH XOAUTH2");
                     }
                     let reply = self.scripted(Cmd::Ehlo, subject, (250, text)).await?;
                     self.reset_if(is_2xx(reply.0));
@@ -542,8 +561,14 @@ impl Session {
                 "MAIL" => match parse_path(&line, "MAIL FROM:") {
                     None => r(501, "5.5.4 Syntax: MAIL FROM:<address>"),
                     Some(addr) => {
-                        let default = if self.shared.config().auth.is_some() && !self.authed {
+                        let needs_auth = {
+                            let config = self.shared.config();
+                            config.auth.is_some() || config.xoauth2.is_some()
+                        };
+                        let default = if needs_auth && !self.authed {
                             r(530, "5.7.0 Authentication required")
+                        } else if !self.bearer_still_valid() {
+                            r(454, "4.7.0 The access token of this session has expired")
                         } else if self.mail_from.is_some() {
                             r(503, "5.5.1 Nested MAIL command")
                         } else {
@@ -671,6 +696,10 @@ impl Session {
             self.authed |= is_2xx(reply.0);
             return Ok(reply);
         }
+        let xoauth2 = self.shared.config().xoauth2.clone();
+        if let Some((user, valid)) = xoauth2 {
+            return Ok(self.auth_xoauth2(line, &user, &*valid));
+        }
         let Some(expected) = self.shared.config().auth.clone() else {
             return Ok(r(503, "5.5.1 AUTH not enabled"));
         };
@@ -725,6 +754,58 @@ impl Session {
         self.authed = true;
         self.auth_user = Some(user);
         Ok(r(235, "2.7.0 Authentication successful"))
+    }
+
+    /// `AUTH XOAUTH2 <base64 of "user=U\x01auth=Bearer T\x01\x01">`, initial response only.
+    fn auth_xoauth2(
+        &mut self,
+        line: &str,
+        user: &str,
+        valid: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Reply {
+        if self.authed {
+            return r(503, "5.5.1 Already authenticated");
+        }
+        let mut words = line.split_whitespace().skip(1);
+        if !words.next().unwrap_or("").eq_ignore_ascii_case("XOAUTH2") {
+            return r(504, "5.5.4 Unrecognized authentication mechanism");
+        }
+        let Some(decoded) = words.next().and_then(b64_decode) else {
+            return r(501, "5.5.2 Cannot decode response");
+        };
+        let text = lossy(&decoded);
+        let mut given_user = None;
+        let mut token = None;
+        for part in text.split('\x01') {
+            if let Some(u) = part.strip_prefix("user=") {
+                given_user = Some(u.to_string());
+            } else if let Some(t) = part.strip_prefix("auth=Bearer ") {
+                token = Some(t.to_string());
+            }
+        }
+        match (given_user, token) {
+            (Some(u), Some(t)) if u == user && valid(&t) => {
+                self.authed = true;
+                self.auth_user = Some(u);
+                self.bearer = Some(t);
+                r(235, "2.7.0 Authentication successful")
+            }
+            _ => r(535, "5.7.8 Username and Password not accepted"),
+        }
+    }
+
+    /// False once the XOAUTH2 token this session authenticated with has expired.
+    fn bearer_still_valid(&self) -> bool {
+        let Some(token) = &self.bearer else {
+            return true;
+        };
+        let check = self
+            .shared
+            .config()
+            .xoauth2
+            .as_ref()
+            .map(|(_, valid)| valid.clone());
+        check.is_none_or(|valid| valid(token))
     }
 
     /// Sends a 334 challenge and reads the answer; None if the client cancels ("*").
