@@ -54,6 +54,7 @@ async fn tls_auth_relay(
             tls: relay_tls,
             pki: Some(&pki),
             auth: Some((USER, PASSWORD)),
+            size_limit: None,
         },
     )
     .await;
@@ -188,6 +189,10 @@ async fn starttls_required_with_auth_plain_delivers_through_aiosmtpd() {
         ["ann@example.com", "carl@example.com", "audit@example.net"]
     );
     assert_eq!(message.ehlo.as_deref(), Some("worker.test"));
+    assert_eq!(
+        message.ehlo_count, 2,
+        "one EHLO before STARTTLS and one after, not a third"
+    );
     assert_tls(&message);
     assert_authenticated(&message, "PLAIN");
     let parsed = message.parsed();
@@ -280,6 +285,7 @@ async fn implicit_tls_with_auth_delivers() {
         Some("Job interop-implicit-1")
     );
     assert_tls(&message);
+    assert_eq!(message.ehlo_count, 1, "implicit TLS: one EHLO");
     assert_authenticated(&message, "PLAIN");
 
     worker.stop().await.expect("clean stop");
@@ -298,6 +304,7 @@ async fn opportunistic_uses_starttls_when_offered_and_plain_when_not() {
             tls: RelayTls::None,
             pki: None,
             auth: None,
+            size_limit: None,
         },
     )
     .await;
@@ -326,6 +333,7 @@ async fn opportunistic_uses_starttls_when_offered_and_plain_when_not() {
             tls: RelayTls::Starttls,
             pki: Some(&pki),
             auth: None,
+            size_limit: None,
         },
     )
     .await;
@@ -357,6 +365,7 @@ async fn starttls_required_against_a_relay_without_it_is_retried_and_sends_no_pa
             tls: RelayTls::None,
             pki: None,
             auth: Some((USER, PASSWORD)),
+            size_limit: None,
         },
     )
     .await;
@@ -419,6 +428,7 @@ async fn certificate_from_an_unknown_ca_is_refused_and_retried() {
                 tls: relay_tls,
                 pki: Some(&relay_pki),
                 auth: Some((USER, PASSWORD)),
+                size_limit: None,
             },
         )
         .await;
@@ -489,6 +499,70 @@ async fn wrong_password_is_retried_and_reported_not_ready() {
         "{readiness:?}"
     );
 
+    worker.stop().await.expect("clean stop");
+    relay.stop().await;
+}
+
+/// A relay that advertises SIZE (aiosmtpd, 20,000 bytes): every MAIL FROM carries `SIZE=` with
+/// the message's size, one EHLO per plain session, and a message over the limit is dead-lettered
+/// as rejected without being sent: the relay never sees its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_size_goes_with_mail_from_and_a_larger_message_is_never_sent() {
+    let dir = TempDir::new("size");
+    let relay = Aiosmtpd::start(
+        dir.path(),
+        RelayOptions {
+            tls: RelayTls::None,
+            pki: None,
+            auth: None,
+            size_limit: Some(20_000),
+        },
+    )
+    .await;
+    let broker = Broker::new("interop-size").await;
+    let config = relay_config(&broker, &relay, TlsMode::None);
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut dead = broker.reader(&broker.names.dead).await;
+
+    let small = deliver(
+        &broker,
+        &worker,
+        &relay,
+        "size-small",
+        &job("size-small", "ann@example.com"),
+    )
+    .await;
+    assert_eq!(small.ehlo_count, 1, "one EHLO per session");
+    let size: usize = small
+        .mail_options
+        .iter()
+        .find_map(|o| o.strip_prefix("SIZE="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("SIZE= with MAIL FROM: {:?}", small.mail_options));
+    // aiosmtpd hands over the data with its line endings normalised; the sizes agree closely.
+    assert!(
+        size.abs_diff(small.data.len()) < small.data.len() / 10 + 100,
+        "SIZE={size} for {} bytes",
+        small.data.len()
+    );
+
+    let big = serde_json::json!({
+        "id": "size-big",
+        "to": "ann@example.com",
+        "subject": "Too big for this relay",
+        "text": "0123456789 ".repeat(4_000),
+    })
+    .to_string();
+    broker.publish(big.as_bytes()).await;
+    let letter = dead.next(SETTLE).await;
+    assert_eq!(letter.data, big.as_bytes(), "the job as published");
+    assert_eq!(header(&letter, "error-kind").as_deref(), Some("rejected"));
+    let error = header(&letter, "last-error").unwrap_or_default();
+    assert!(
+        error.contains("takes at most 20000") && error.contains("SIZE"),
+        "{error}"
+    );
+    assert_eq!(relay.messages().len(), 1, "the big one was never sent");
     worker.stop().await.expect("clean stop");
     relay.stop().await;
 }

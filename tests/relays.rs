@@ -141,7 +141,11 @@ async fn a_rate_limited_relay_gets_evenly_spaced_messages_never_a_burst() {
         (observed - RATE).abs() <= RATE * 0.1,
         "observed {observed:.1} messages/s for a limit of {RATE}"
     );
-    // No second of the run holds more than the limit (plus the one on its closing edge).
+    // No second of the run holds a burst. The slots are evenly spaced, but what the relay sees
+    // is when each send arrived: on a loaded machine (other tests of this binary, CI) a send
+    // can arrive 100-200 ms late and meet later ones. Hence a quarter over the limit, plus the
+    // one on the window's closing edge. A limiter that let bursts through (8 sends at once,
+    // concurrency 8) would show up to 60 here.
     let most_in_a_second = at
         .iter()
         .map(|start| {
@@ -153,7 +157,7 @@ async fn a_rate_limited_relay_gets_evenly_spaced_messages_never_a_burst() {
         .unwrap_or(0);
     eprintln!("rate limit {RATE}/s: at most {most_in_a_second} in one second");
     assert!(
-        most_in_a_second <= RATE as usize + 1,
+        most_in_a_second <= RATE as usize * 5 / 4 + 1,
         "{most_in_a_second} messages in one second"
     );
 }

@@ -9,7 +9,7 @@ use lettre::transport::smtp::client::AsyncSmtpConnection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{Connector, TlsSetupError};
+use super::connect::{Connector, Offers, TlsSetupError};
 use super::error::{Abandoned, JobMeaning, Local, SendError, Stage, StageCell, Stop};
 use super::flow::{RateLimit, Window};
 use super::oauth2::{Token, TokenSource};
@@ -21,8 +21,8 @@ use crate::metrics::RelayMetrics;
 /// A pooled SMTP session. Holds one of the relay's session permits while it lives.
 struct Session {
     conn: AsyncSmtpConnection,
-    /// The relay offered PIPELINING.
-    pipelining: bool,
+    /// What its EHLO offered beyond what lettre keeps (PIPELINING, SIZE).
+    offers: Offers,
     /// The generation of the XOAUTH2 token it authenticated with.
     token: Option<u64>,
     last_used: Instant,
@@ -32,7 +32,7 @@ struct Session {
 
 impl Session {
     fn new(
-        (conn, pipelining): (AsyncSmtpConnection, bool),
+        (conn, offers): (AsyncSmtpConnection, Offers),
         token: Option<u64>,
         permit: OwnedSemaphorePermit,
         gauge: prometheus_client::metrics::gauge::Gauge,
@@ -40,7 +40,7 @@ impl Session {
         gauge.inc();
         Self {
             conn,
-            pipelining,
+            offers,
             token,
             last_used: Instant::now(),
             gauge,
@@ -324,7 +324,7 @@ impl Relay {
                 return Err(Stop::Abandoned);
             }
             let (mut session, reused) = self.checkout(stage, fresh_only, token).await?;
-            match transaction(&mut session.conn, session.pipelining, out, stage, abandon).await {
+            match transaction(&mut session.conn, session.offers, out, stage, abandon).await {
                 Ok((sent, reusable)) => {
                     if reusable {
                         session.last_used = Instant::now();

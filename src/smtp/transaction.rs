@@ -12,6 +12,7 @@ use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParam
 use lettre::transport::smtp::response::Response;
 use tokio_util::sync::CancellationToken;
 
+use super::connect::Offers;
 use super::error::{JobMeaning, Local, SendError, Stage, StageCell, Stop, Verdict};
 use crate::message::Outgoing;
 
@@ -173,7 +174,7 @@ async fn envelope(
 /// be; a relay closing the session at MAIL FROM marks it stale.
 pub(super) async fn transaction(
     conn: &mut AsyncSmtpConnection,
-    pipelining: bool,
+    offers: Offers,
     out: &Outgoing,
     stage: &StageCell,
     abandon: &CancellationToken,
@@ -203,6 +204,27 @@ pub(super) async fn transaction(
     if !out.bytes.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
+    if let Some(limit) = offers.size {
+        let size = out.bytes.len();
+        // RFC 1870: over the advertised limit, the relay would refuse it after the whole
+        // message was sent; say so now, and never send it.
+        if limit > 0 && size as u64 > limit {
+            return Err(TransactionFailure {
+                error: SendError::local(
+                    Local::Unsendable,
+                    format!(
+                        "the message is {size} bytes and the relay takes at most {limit} (its \
+                         EHLO SIZE): not sent"
+                    ),
+                    Stage::Mail,
+                )
+                .into(),
+                stale_session: false,
+                session_reusable: true,
+            });
+        }
+        parameters.push(MailParameter::Size(size));
+    }
 
     stage.set(Stage::Mail);
     let mail = Mail::new(envelope_.from().cloned(), parameters);
@@ -211,7 +233,7 @@ pub(super) async fn transaction(
         .iter()
         .map(|r| Rcpt::new(r.clone(), vec![]))
         .collect();
-    let replies = envelope(conn, mail, rcpts, pipelining).await;
+    let replies = envelope(conn, mail, rcpts, offers.pipelining).await;
     // Whether the relay took DATA (354) and now waits for the message.
     let in_data = matches!(replies.data, Some(Ok(_)));
 

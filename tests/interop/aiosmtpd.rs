@@ -78,6 +78,10 @@ pub struct Recorded {
     pub data: String,
     /// The name the client gave in EHLO.
     pub ehlo: Option<String>,
+    /// How many EHLOs the session sent (STARTTLS: one before it and one after).
+    pub ehlo_count: u32,
+    /// The parameters of MAIL FROM, e.g. `SIZE=1234`.
+    pub mail_options: Vec<String>,
     pub tls: bool,
     /// E.g. `TLSv1.3`.
     pub tls_version: Option<String>,
@@ -133,6 +137,8 @@ pub struct RelayOptions<'a> {
     pub pki: Option<&'a Pki>,
     /// AUTH required, with this user and password.
     pub auth: Option<(&'a str, &'a str)>,
+    /// The SIZE it advertises and enforces; aiosmtpd's default (32 MiB) if unset.
+    pub size_limit: Option<u64>,
 }
 
 impl Aiosmtpd {
@@ -167,6 +173,9 @@ impl Aiosmtpd {
         }
         if let Some((user, password)) = options.auth {
             command.args(["--user", user, "--password", password]);
+        }
+        if let Some(limit) = options.size_limit {
+            command.args(["--size-limit", &limit.to_string()]);
         }
         let mut child = command.spawn().expect("start the aiosmtpd relay");
 

@@ -41,6 +41,12 @@ def parse_args():
     p.add_argument("--user", help="AUTH is required, and only this user is accepted")
     p.add_argument("--password", help="the password of --user")
     p.add_argument("--jsonl", required=True, help="file to append one JSON line per event to")
+    p.add_argument(
+        "--size-limit",
+        type=int,
+        default=33554432,
+        help="the SIZE advertised in EHLO and enforced (aiosmtpd's data_size_limit)",
+    )
     args = p.parse_args()
     if args.tls != "none" and not (args.cert and args.key):
         p.error("--tls starttls/implicit needs --cert and --key")
@@ -83,6 +89,13 @@ class Recorder:
             return AuthResult(success=True, auth_data=auth_data)
         return AuthResult(success=False, handled=False)
 
+    # Counts the EHLOs of a connection (on the SMTP object: aiosmtpd makes a new session after
+    # STARTTLS): one before STARTTLS and one after it is the RFC 3207 minimum.
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        server.ehlo_count = getattr(server, "ehlo_count", 0) + 1
+        session.host_name = hostname
+        return responses
+
     async def handle_DATA(self, server, session, envelope):
         tls = tls_info(server)
         login = getattr(session.auth_data, "login", None)
@@ -93,6 +106,8 @@ class Recorder:
                 "rcpt_tos": list(envelope.rcpt_tos),
                 "data": envelope.content.decode("utf-8", "replace"),
                 "ehlo": session.host_name,
+                "ehlo_count": getattr(server, "ehlo_count", 0),
+                "mail_options": list(envelope.mail_options),
                 "tls": tls is not None,
                 "tls_version": tls,
                 "authenticated": bool(session.authenticated),
@@ -145,6 +160,7 @@ async def main():
             # Over implicit TLS aiosmtpd does not know the session is encrypted: it only
             # counts STARTTLS. Offering AUTH there needs this off; the relay is TLS anyway.
             auth_require_tls=args.tls == "starttls",
+            data_size_limit=args.size_limit,
         )
         sessions.add(smtp)
         return smtp
