@@ -56,6 +56,7 @@ pub struct RelayMetrics {
     pub stale_connections: Counter,
     pub overloads: Counter,
     pub window: Gauge,
+    pub connection_limit: Gauge,
     pub healthy: Gauge,
 }
 
@@ -73,6 +74,7 @@ pub struct Metrics {
     pub smtp_stale_connections: Family<RelayLabel, Counter>,
     pub relay_overloads: Family<RelayLabel, Counter>,
     pub relay_window: Family<RelayLabel, Gauge>,
+    pub relay_connection_limit: Family<RelayLabel, Gauge>,
     pub relay_healthy: Family<RelayLabel, Gauge>,
     pub recipients_refused: Family<KindLabel, Counter>,
     pub jobs_ambiguous: Counter,
@@ -186,6 +188,14 @@ impl Metrics {
              growing back by one",
             relay_window.clone(),
         );
+        let relay_connection_limit = Family::<RelayLabel, Gauge>::default();
+        registry.register(
+            "relay_connection_limit",
+            "Connections the worker may open to a relay now: smtp.max_connections, lowered to \
+             what the relay accepts after it refused one (421 at the greeting), one more tried \
+             every 30 s",
+            relay_connection_limit.clone(),
+        );
         let relay_healthy = Family::<RelayLabel, Gauge>::default();
         registry.register(
             "relay_healthy",
@@ -283,6 +293,7 @@ impl Metrics {
             smtp_stale_connections,
             relay_overloads,
             relay_window,
+            relay_connection_limit,
             relay_healthy,
             recipients_refused,
             jobs_ambiguous,
@@ -348,6 +359,7 @@ impl Metrics {
             stale_connections: self.smtp_stale_connections.get_or_create(&label).clone(),
             overloads: self.relay_overloads.get_or_create(&label).clone(),
             window: self.relay_window.get_or_create(&label).clone(),
+            connection_limit: self.relay_connection_limit.get_or_create(&label).clone(),
             healthy: self.relay_healthy.get_or_create(&label).clone(),
         }
     }

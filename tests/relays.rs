@@ -430,3 +430,60 @@ async fn jobs_past_their_window_are_dead_lettered_as_expired_not_sent() {
     );
     worker.stop().await.expect("clean stop");
 }
+
+/// A relay with Postfix's anvil limits (3 connections per client, 40 messages per 2 s) and a
+/// worker at concurrency 16: every job goes out once, on its first attempt, none dead-lettered.
+/// The worker settles at the 3 connections the relay accepts (refused connections stay a small
+/// fraction of the sends: the first burst, not hundreds a second) and waits out the rate
+/// refusals in time instead of spending the jobs' attempts on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_limits_connections_and_rate_gets_each_job_once_on_its_first_attempt() {
+    const JOBS: usize = 120;
+    let smtp = SmtpServer::start();
+    smtp.limit_sessions(3);
+    smtp.limit_message_rate(40, Duration::from_secs(2));
+    let broker = Broker::new("anvil").await;
+    let mut config = test_config(&broker, smtp.port());
+    config.worker.concurrency = 16;
+    let worker = RunningWorker::start(&broker, config).await;
+    let mut events = worker.handles.events.subscribe();
+    for i in 0..JOBS {
+        broker
+            .publish(job(&format!("anvil-{i}"), "ann@example.com").as_bytes())
+            .await;
+    }
+    let settled = wait_events(&mut events, JOBS, WAIT, |_| true).await;
+    let metrics = worker.handles.metrics.encode();
+    worker.stop().await.expect("clean stop");
+    let late: Vec<_> = settled
+        .iter()
+        .filter(|e| e.outcome != JobOutcome::Delivered || e.attempt != 1)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "not delivered on the first attempt: {late:?}"
+    );
+    let deliveries = smtp.deliveries();
+    assert_eq!(deliveries.len(), JOBS);
+    assert!(deliveries.values().all(|&n| n == 1), "each once");
+    let state = smtp.state();
+    eprintln!(
+        "anvil: {} connections refused, {} rate refusals, {} sessions for {JOBS} jobs",
+        state.refused_connections, state.rate_refusals, state.sessions_total
+    );
+    assert!(state.rate_refusals > 0, "the rate limit was met");
+    assert!(
+        state.refused_connections <= JOBS / 8,
+        "{} connections refused for {JOBS} sends",
+        state.refused_connections
+    );
+    assert_eq!(
+        metric_sum(&metrics, "amqp_mailer_relay_connection_limit", &[]),
+        3.0,
+        "settled at what the relay accepts"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "amqp_mailer_jobs_retried_total", &[]),
+        0.0
+    );
+}

@@ -56,6 +56,24 @@ struct WindowState {
     successes: usize,
     /// No second halving within this time: one overload burst is one signal.
     calm_until: Option<Instant>,
+    /// After an overload reply no send starts before this: the relay gets time, not just
+    /// fewer sends at once (a message-rate limit refuses the next send as readily as a burst).
+    pause_until: Option<Instant>,
+    /// Overload replies since the last success: each pause is twice the one before.
+    pauses: u32,
+}
+
+/// The first pause after an overload reply, and the longest.
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// The pause after `pauses` overload replies in a row (1 for the first), with ±20 % jitter so that
+/// instances refused at once do not come back in step.
+fn pause_after(pauses: u32) -> Duration {
+    let base = FIRST_PAUSE
+        .saturating_mul(1u32 << pauses.saturating_sub(1).min(8))
+        .min(MAX_PAUSE);
+    base.mul_f64(0.8 + fastrand::f64() * 0.4)
 }
 
 /// A send's place in the window. Give it back with `succeeded` or `overloaded`; dropping it
@@ -77,6 +95,8 @@ impl Window {
                 in_flight: 0,
                 successes: 0,
                 calm_until: None,
+                pause_until: None,
+                pauses: 0,
             }),
             changed: Notify::new(),
         }
@@ -91,10 +111,18 @@ impl Window {
         self.lock().limit
     }
 
-    /// Waits for room in the window.
+    /// Waits for the pause after an overload to end, then for room in the window.
     pub async fn acquire(&self) -> Slot<'_> {
         loop {
             let notified = self.changed.notified();
+            let paused = self
+                .lock()
+                .pause_until
+                .filter(|until| Instant::now() < *until);
+            if let Some(until) = paused {
+                tokio::time::sleep_until(until).await;
+                continue;
+            }
             {
                 let mut state = self.lock();
                 if state.in_flight < state.limit {
@@ -114,6 +142,7 @@ impl Window {
         state.in_flight = state.in_flight.saturating_sub(1);
         match outcome {
             Some(true) => {
+                state.pauses = 0;
                 state.successes += 1;
                 if state.successes >= state.limit && state.limit < self.max {
                     state.limit += 1;
@@ -122,6 +151,11 @@ impl Window {
             }
             Some(false) => {
                 let now = Instant::now();
+                // Sends that were under way during the pause report the same overload.
+                if state.pause_until.is_none_or(|until| now >= until) {
+                    state.pauses += 1;
+                    state.pause_until = Some(now + pause_after(state.pauses));
+                }
                 if state.calm_until.is_none_or(|until| now >= until) {
                     state.limit = (state.limit / 2).max(1);
                     state.successes = 0;
@@ -202,6 +236,38 @@ mod tests {
             window.acquire().await.succeeded();
         }
         assert_eq!(window.limit(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overload_pauses_sends_and_the_pauses_grow_until_a_success() {
+        let window = Window::new(8);
+        let start = Instant::now();
+        window.acquire().await.overloaded();
+        let first = {
+            let _slot = window.acquire().await;
+            start.elapsed()
+        };
+        assert!(
+            first >= FIRST_PAUSE.mul_f64(0.8) && first <= FIRST_PAUSE.mul_f64(1.2),
+            "{first:?}"
+        );
+        // Refused again after the pause: twice as long.
+        window.acquire().await.overloaded();
+        let before = Instant::now();
+        window.acquire().await.succeeded();
+        let second = before.elapsed();
+        assert!(
+            second >= (FIRST_PAUSE * 2).mul_f64(0.8) && second <= (FIRST_PAUSE * 2).mul_f64(1.2),
+            "{second:?}"
+        );
+        // A success resets the ladder: the next pause is the first again.
+        window.acquire().await.overloaded();
+        let before = Instant::now();
+        drop(window.acquire().await);
+        assert!(before.elapsed() <= FIRST_PAUSE.mul_f64(1.2));
+        for n in [6, 9, 40] {
+            assert!(pause_after(n) <= MAX_PAUSE.mul_f64(1.2));
+        }
     }
 
     #[tokio::test(start_paused = true)]

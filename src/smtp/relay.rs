@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::client::AsyncSmtpConnection;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Connector, Offers, TlsSetupError};
-use super::error::{Abandoned, JobMeaning, Local, SendError, Stage, StageCell, Stop};
+use super::error::{Abandoned, JobMeaning, Local, SendError, Stage, StageCell, Stop, Verdict};
 use super::flow::{RateLimit, Window};
 use super::oauth2::{Token, TokenSource};
 use super::transaction::{Sent, transaction};
@@ -60,6 +60,15 @@ impl Drop for Session {
     }
 }
 
+/// After a refused connection, one more is allowed this long after the last change.
+const CONNECTION_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct ConnectionCap {
+    parked: Vec<OwnedSemaphorePermit>,
+    changed: Option<Instant>,
+}
+
 /// A relay: where to connect, how, and the pool of sessions to it.
 pub struct Relay {
     name: String,
@@ -69,6 +78,12 @@ pub struct Relay {
     tokens: Option<TokenSource>,
     /// One permit per open session: never more than `max_connections` open at once.
     sessions: Arc<Semaphore>,
+    max_connections: usize,
+    /// Permits taken out of use because the relay refused a connection beyond what it allows
+    /// (421 at the greeting): the pool settles at what the relay accepts.
+    connection_cap: Mutex<ConnectionCap>,
+    /// A session came back to the pool: a send waiting for a connection may take it.
+    returned: Notify,
     idle: Mutex<Vec<Session>>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -95,6 +110,7 @@ impl Relay {
         metrics: RelayMetrics,
     ) -> Result<Self, TlsSetupError> {
         metrics.window.set(limits.max_connections as i64);
+        metrics.connection_limit.set(limits.max_connections as i64);
         metrics.healthy.set(1);
         let tokens = match &config.oauth2 {
             Some(oauth2) if config.auth_mechanisms.contains(&AuthMechanism::Xoauth2) => {
@@ -111,6 +127,9 @@ impl Relay {
             name,
             weight: weight.max(1),
             sessions: Arc::new(Semaphore::new(limits.max_connections)),
+            max_connections: limits.max_connections,
+            connection_cap: Mutex::new(ConnectionCap::default()),
+            returned: Notify::new(),
             idle: Mutex::new(Vec::new()),
             max_idle: limits.max_idle,
             idle_timeout: config.pool_idle_timeout,
@@ -234,7 +253,10 @@ impl Relay {
                 Err(Stop::Abandoned) => return Err(Abandoned),
             };
             match &result {
-                Ok(_) => slot.succeeded(),
+                Ok(_) => {
+                    slot.succeeded();
+                    self.probe_one_more_connection();
+                }
                 Err(e) if !token_refused && e.verdict().job() == JobMeaning::Auth => {
                     if let (Some(tokens), Some(token)) = (&self.tokens, &token) {
                         // Revoked or expired early: a new token before it counts as a failure.
@@ -356,46 +378,125 @@ impl Relay {
         token: Option<&Token>,
     ) -> Result<(Session, bool), SendError> {
         let generation = token.map(|t| t.generation);
-        if !fresh_only {
-            loop {
-                let candidate = self.lock_idle().pop();
-                match candidate {
-                    Some(session)
-                        if session.last_used.elapsed() < self.idle_timeout
-                            && session.token == generation =>
-                    {
-                        return Ok((session, true));
+        loop {
+            // Registered before looking, so that a session returned meanwhile is not missed.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if !fresh_only && let Some(session) = self.take_idle(generation) {
+                return Ok((session, true));
+            }
+            let permit = match self.sessions.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => return Err(pool_closed()),
+                // As many sessions open as the relay allows: the first one back, or the
+                // first permit freed, whichever comes first.
+                Err(TryAcquireError::NoPermits) => tokio::select! {
+                    permit = self.sessions.clone().acquire_owned() => {
+                        permit.map_err(|_| pool_closed())?
                     }
-                    // Past our idle timeout: the relay may be about to close it; don't risk it.
-                    // Or opened with a token that has since been replaced (it expires soon).
-                    Some(expired) => {
-                        tokio::spawn(expired.quit());
+                    () = &mut returned => continue,
+                },
+            };
+            return match self.connector.connect(stage, token).await {
+                Ok(conn) => Ok((
+                    Session::new(conn, generation, permit, self.metrics.sessions_open.clone()),
+                    false,
+                )),
+                Err(e) => {
+                    if e.verdict() == Verdict::RelayOverloaded && e.stage() == Stage::Greeting {
+                        self.cap_connections(permit, &e);
                     }
-                    None => break,
+                    Err(e)
                 }
+            };
+        }
+    }
+
+    /// An idle session to reuse: opened with the current token and not idle too long.
+    fn take_idle(&self, generation: Option<u64>) -> Option<Session> {
+        loop {
+            let candidate = self.lock_idle().pop();
+            match candidate {
+                Some(session)
+                    if session.last_used.elapsed() < self.idle_timeout
+                        && session.token == generation =>
+                {
+                    return Some(session);
+                }
+                // Past our idle timeout: the relay may be about to close it; don't risk it.
+                // Or opened with a token that has since been replaced (it expires soon).
+                Some(expired) => {
+                    tokio::spawn(expired.quit());
+                }
+                None => return None,
             }
         }
-        let permit = match self.sessions.clone().acquire_owned().await {
-            Ok(permit) => permit,
-            Err(_) => {
-                return Err(SendError::local(
-                    Local::Broken,
-                    "the SMTP pool is shut down".into(),
-                    Stage::Connect,
-                ));
-            }
-        };
-        let conn = self.connector.connect(stage, token).await?;
-        Ok((
-            Session::new(conn, generation, permit, self.metrics.sessions_open.clone()),
-            false,
-        ))
+    }
+
+    /// The relay refused a connection at the greeting, with some of ours open: from now on at
+    /// most those already open, one more tried now and then.
+    fn cap_connections(&self, refused: OwnedSemaphorePermit, error: &SendError) {
+        let mut cap = self.lock_cap();
+        let before = self.connection_limit(&cap);
+        // Ours open besides the refused one. None: not about how many we have (a relay
+        // refusing everyone, restarting): nothing to learn.
+        let open = before.saturating_sub(self.sessions.available_permits() + 1);
+        if open == 0 {
+            return;
+        }
+        cap.parked.push(refused);
+        while let Ok(permit) = self.sessions.clone().try_acquire_owned() {
+            cap.parked.push(permit);
+        }
+        cap.changed = Some(Instant::now());
+        let limit = self.connection_limit(&cap);
+        self.metrics.connection_limit.set(limit as i64);
+        if limit < before {
+            tracing::info!(
+                relay = %self.name,
+                connections = limit,
+                error = %error,
+                "the relay refuses more connections: keeping at most this many open, one more \
+                 tried every {}s",
+                CONNECTION_PROBE_INTERVAL.as_secs()
+            );
+        }
+    }
+
+    /// After a quiet while at a capped connection count, allows one more.
+    fn probe_one_more_connection(&self) {
+        let mut cap = self.lock_cap();
+        if cap.parked.is_empty()
+            || cap
+                .changed
+                .is_some_and(|at| at.elapsed() < CONNECTION_PROBE_INTERVAL)
+        {
+            return;
+        }
+        cap.parked.pop();
+        cap.changed = Some(Instant::now());
+        self.metrics
+            .connection_limit
+            .set(self.connection_limit(&cap) as i64);
+    }
+
+    fn connection_limit(&self, cap: &ConnectionCap) -> usize {
+        self.max_connections.saturating_sub(cap.parked.len())
+    }
+
+    fn lock_cap(&self) -> std::sync::MutexGuard<'_, ConnectionCap> {
+        self.connection_cap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn checkin(&self, session: Session) {
         let mut idle = self.lock_idle();
         if idle.len() < self.max_idle && !self.sessions.is_closed() {
             idle.push(session);
+            drop(idle);
+            self.returned.notify_one();
         } else {
             drop(idle);
             tokio::spawn(session.quit());
@@ -429,4 +530,12 @@ impl Relay {
         let idle: Vec<Session> = self.lock_idle().drain(..).collect();
         futures_util::future::join_all(idle.into_iter().map(Session::quit)).await;
     }
+}
+
+fn pool_closed() -> SendError {
+    SendError::local(
+        Local::Broken,
+        "the SMTP pool is shut down".into(),
+        Stage::Connect,
+    )
 }

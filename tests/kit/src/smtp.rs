@@ -182,6 +182,10 @@ pub struct SmtpState {
     /// Messages whose final dot has arrived, counted before the reply to it (which
     /// `set_data_delay` holds back): the client has sent the message whole.
     pub data_ends: usize,
+    /// Connections refused at the greeting by `limit_sessions`.
+    pub refused_connections: usize,
+    /// MAIL FROMs refused by `limit_message_rate`.
+    pub rate_refusals: usize,
 }
 
 impl SmtpState {
@@ -203,6 +207,12 @@ struct Config {
     data_delay: Duration,
     auth: Option<(String, String)>,
     xoauth2: Option<(String, TokenCheck)>,
+    /// Postfix's anvil, connection count: sessions beyond this get 421 at the greeting.
+    max_sessions: Option<usize>,
+    /// Postfix's anvil, message rate: MAIL FROMs beyond this many in this time get 450 4.7.1.
+    message_rate: Option<(usize, Duration)>,
+    /// When the MAIL FROMs of the rate's window were accepted.
+    mails: std::collections::VecDeque<Instant>,
 }
 
 struct Shared {
@@ -218,6 +228,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn config(&self) -> MutexGuard<'_, Config> {
         lock(&self.config)
+    }
+
+    /// Under the message rate (or none set): counts this MAIL FROM and says true.
+    fn take_mail_rate(&self) -> bool {
+        let mut config = self.config();
+        let Some((max, per)) = config.message_rate else {
+            return true;
+        };
+        let now = Instant::now();
+        while config.mails.front().is_some_and(|at| now - *at >= per) {
+            config.mails.pop_front();
+        }
+        if config.mails.len() >= max {
+            return false;
+        }
+        config.mails.push_back(now);
+        true
     }
 
     /// First rule for `cmd` that matches and has uses left; counts the use.
@@ -301,6 +328,16 @@ impl SmtpServer {
     /// Advertise AUTH PLAIN LOGIN; MAIL without a successful AUTH then gets 530.
     pub fn require_auth(&self, user: &str, password: &str) {
         self.shared.config().auth = Some((user.to_string(), password.to_string()));
+    }
+    /// Like Postfix's `smtpd_client_connection_count_limit`: a session beyond `max` open at
+    /// once gets `421 4.7.0 … Error: too many connections from 127.0.0.1` at the greeting.
+    pub fn limit_sessions(&self, max: usize) {
+        self.shared.config().max_sessions = Some(max);
+    }
+    /// Like Postfix's `smtpd_client_message_rate_limit`: a MAIL FROM beyond `max` accepted in
+    /// the last `per` gets `450 4.7.1 Error: too much mail from 127.0.0.1`.
+    pub fn limit_message_rate(&self, max: usize, per: Duration) {
+        self.shared.config().message_rate = Some((max, per));
     }
     /// Advertise AUTH XOAUTH2 only: AUTH succeeds for `user` with a token `valid` accepts
     /// (535 otherwise), and every MAIL FROM checks the session's token again: once it has
@@ -514,6 +551,23 @@ struct Session {
 
 impl Session {
     async fn run(&mut self) -> io::Result<()> {
+        let too_many = self
+            .shared
+            .config()
+            .max_sessions
+            .is_some_and(|max| self.shared.state.borrow().open_sessions > max);
+        if too_many {
+            self.shared
+                .state
+                .send_modify(|s| s.refused_connections += 1);
+            // 421 ends the session.
+            return self
+                .reply(r(
+                    421,
+                    "4.7.0 localhost Error: too many connections from 127.0.0.1",
+                ))
+                .await;
+        }
         let greeting = r(220, "localhost ESMTP test server");
         let greeting = self.scripted(Cmd::Connect, b"", greeting).await?;
         self.reply(greeting).await?;
@@ -569,6 +623,9 @@ impl Session {
                             r(530, "5.7.0 Authentication required")
                         } else if !self.bearer_still_valid() {
                             r(454, "4.7.0 The access token of this session has expired")
+                        } else if !self.shared.take_mail_rate() {
+                            self.shared.state.send_modify(|s| s.rate_refusals += 1);
+                            r(450, "4.7.1 Error: too much mail from 127.0.0.1")
                         } else if self.mail_from.is_some() {
                             r(503, "5.5.1 Nested MAIL command")
                         } else {
