@@ -4,7 +4,7 @@
 
 use testkit::broker::{Broker, WAIT, amqp_url};
 use testkit::process::{WorkerProcess, free_port, run_to_end};
-use testkit::smtp::SmtpServer;
+use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
 use testkit::worker::job;
 
 fn config_file(broker: &Broker, smtp_port: u16) -> (tempfile::TempDir, String) {
@@ -58,6 +58,15 @@ async fn binary_with_config_file_and_env_overrides_delivers_and_stops_cleanly() 
     // The file names a port where nothing listens; the environment overrides it.
     let (_dir, path) = config_file(&broker, 1);
     smtp.require_auth("mailer", "s3cret-in-env");
+    // One job is deferred once at RCPT: its retry line carries the enhanced code.
+    smtp.add_rule(
+        Rule::times(
+            1,
+            Cmd::Rcpt,
+            Action::Reply(450, "4.2.1 mailbox busy".into()),
+        )
+        .matching("user4@"),
+    );
     let mut worker = WorkerProcess::start(
         &["--config", &path, "run"],
         &[
@@ -106,6 +115,26 @@ async fn binary_with_config_file_and_env_overrides_delivers_and_stops_cleanly() 
     assert!(
         log.contains("\"job_id\":\"bin-0\""),
         "JSON logs carry the job id: {log}"
+    );
+    // The relay's queue id and the enhanced code of its reply, for each delivered job; the
+    // enhanced code of the deferral too.
+    for m in &messages {
+        let line = worker
+            .log()
+            .into_iter()
+            .find(|l| l.contains(&format!("\"queue_id\":\"{}\"", m.queue_id)))
+            .unwrap_or_else(|| panic!("no log line with queue id {}: {log}", m.queue_id));
+        assert!(line.contains("\"enhanced_code\":\"2.0.0\""), "{line}");
+        assert!(line.contains("\"outcome\":\"delivered\""), "{line}");
+    }
+    let retry = worker
+        .log()
+        .into_iter()
+        .find(|l| l.contains("\"outcome\":\"retry\""))
+        .unwrap_or_else(|| panic!("no retry line: {log}"));
+    assert!(
+        retry.contains("\"enhanced_code\":\"4.2.1\"") && retry.contains("\"smtp_code\":450"),
+        "{retry}"
     );
     assert_eq!(broker.ready_count(&broker.names.queue).await, 0);
 }

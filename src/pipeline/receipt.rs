@@ -319,7 +319,7 @@ fn timestamp(time: SystemTime) -> String {
 }
 
 /// The basic and enhanced codes a reply such as `250 2.0.0 Ok` opens with.
-fn coded(reply: &str) -> (Option<u16>, Option<EnhancedCode>) {
+pub(crate) fn coded(reply: &str) -> (Option<u16>, Option<EnhancedCode>) {
     let Some(code) = reply
         .get(..3)
         .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))

@@ -32,11 +32,11 @@ use tokio_util::sync::CancellationToken;
 use super::attempt::Attempt;
 use super::context::{JobContext, JobOutcome};
 use super::delivery::DeliveryMeta;
-use super::receipt::Receipt;
+use super::receipt::{self, Receipt};
 use crate::amqp::{FailureHeaders, PublishError, format_duration, republish_properties, rfc3339};
 use crate::metrics::{KindLabel, RECEIPT_DROPPED_AT_STOP, RECEIPT_REFUSED_BY_REPLY_TO};
 use crate::policy::{Decision, Failure, Schedule};
-use crate::smtp::{Refusal, Sent};
+use crate::smtp::{EnhancedCode, Refusal, Sent};
 
 /// Pause before handing a job back when its retry or dead letter could not be published, so
 /// that a broker refusing publishes is not hammered by the same jobs in a tight loop.
@@ -335,10 +335,13 @@ pub async fn apply(
             outcome
         }
         Settlement::Ack(delivered) => {
+            let (queue_id, enhanced_code) = reply_facts(delivered.reply.as_deref());
             tracing::info!(
                 outcome = "delivered",
                 relay = %delivered.relay,
                 relay_reply = delivered.reply.as_deref().unwrap_or(""),
+                queue_id,
+                enhanced_code,
                 "delivered"
             );
             ctx.metrics.jobs_delivered.inc();
@@ -388,6 +391,7 @@ pub async fn apply(
             let receipted = receipted(ctx, receipt, drain_over).await;
             let acked = ack(ctx, delivery).await;
             if let Some(delivered) = &republishes.delivered {
+                let (queue_id, enhanced_code) = reply_facts(delivered.reply.as_deref());
                 tracing::info!(
                     outcome = "partly-delivered",
                     relay = %delivered.relay,
@@ -395,6 +399,8 @@ pub async fn apply(
                     refused_for_good = republishes.refused(true),
                     refused_for_now = republishes.refused(false),
                     relay_reply = delivered.reply.as_deref().unwrap_or(""),
+                    queue_id,
+                    enhanced_code,
                     "delivered to some recipients; the refused ones are handled on their own"
                 );
                 ctx.metrics.jobs_delivered.inc();
@@ -402,6 +408,34 @@ pub async fn apply(
             settled(acked, receipted, outcome)
         }
     }
+}
+
+/// The relay's queue id and the enhanced status code of its reply, for the log (empty when
+/// the reply has none).
+fn reply_facts(reply: Option<&str>) -> (String, String) {
+    let Some(reply) = reply else {
+        return (String::new(), String::new());
+    };
+    (
+        receipt::queue_id(reply).unwrap_or_default(),
+        receipt::coded(reply)
+            .1
+            .map(|code| code.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// The enhanced status code of the reply a failure records, found after its basic code (the
+/// error may start with the recipient it is about).
+fn enhanced_code(failure: &FailureHeaders) -> String {
+    let Some(code) = failure.smtp_code else {
+        return String::new();
+    };
+    let text = &failure.last_error;
+    text.find(&format!("{code} "))
+        .and_then(|at| EnhancedCode::parse(code, &text[at + 4..]))
+        .map(|code| code.to_string())
+        .unwrap_or_default()
 }
 
 /// How a delivery that got as far as its ack ended: as planned, unless neither its receipt was
@@ -450,12 +484,14 @@ async fn publish(
         return Err(publish_error);
     }
     let recipients = failure.recipients.as_deref().unwrap_or("");
+    let enhanced_code = enhanced_code(failure);
     match republish.to {
         Target::Retry(delay) => {
             tracing::warn!(
                 outcome = "retry",
                 kind = failure.kind.as_str(),
                 smtp_code = failure.smtp_code,
+                enhanced_code,
                 retry_in = %format_duration(delay),
                 queue = %queue,
                 recipients,
@@ -468,6 +504,7 @@ async fn publish(
             tracing::error!(
                 outcome = failure.kind.as_str(),
                 smtp_code = failure.smtp_code,
+                enhanced_code,
                 queue = %queue,
                 recipients,
                 reason = %failure.last_error,
