@@ -8,6 +8,7 @@ use std::process::Command;
 
 use testkit::broker::{Broker, WAIT};
 use testkit::pki::TempDir;
+use testkit::postfix::{Postfix, PostfixOptions};
 use testkit::process::{free_port, run_to_end};
 use testkit::smtp::{ReceivedMessage, SmtpServer};
 use testkit::worker::{RunningWorker, test_config};
@@ -283,6 +284,58 @@ async fn signatures_verify_with_an_independent_verifier() {
             "a change to {what} fails verification: {verdicts:?}"
         );
     }
+}
+
+/// Relayed by a real Postfix (its own instance, `testkit::postfix`), which adds its Received
+/// header in front: the RSA and Ed25519 signatures still verify with dkimpy at the relay behind
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_survive_relaying_through_postfix() {
+    let dir = TempDir::new("dkim-postfix");
+    let rsa = rsa_key(dir.path(), "rsa.pem", 2048);
+    let ed = ed25519_key(dir.path(), "ed.pem");
+    let entries = vec![
+        entry("mx.example", "rsa1", &rsa, DkimAlgorithm::RsaSha256),
+        entry("mx.example", "ed1", &ed, DkimAlgorithm::Ed25519Sha256),
+    ];
+    let config_file = dir.path().join("amqp-mailer.toml");
+    std::fs::write(&config_file, dkim_toml(&entries)).expect("write the config");
+    let records = records(&config_file, None).await;
+
+    let smtp = SmtpServer::start();
+    let postfix = Postfix::start("dkim", smtp.port(), &PostfixOptions::default());
+    let broker = Broker::new("dkim-postfix").await;
+    let mut config = test_config(&broker, postfix.port());
+    config.dkim = entries;
+    config.validate().expect("valid");
+    let worker = RunningWorker::start(&broker, config).await;
+    let job = serde_json::json!({
+        "id": "dkim-through-postfix",
+        "from": "News <news@mx.example>",
+        "to": "ann@example.com",
+        "subject": "Signed, then relayed by Postfix",
+        "text": "Hello through a real MTA.\n",
+        "html": "<p>Hello</p>",
+    });
+    broker.publish(job.to_string().as_bytes()).await;
+    let messages = smtp.wait_for_messages(1, WAIT).await;
+    worker.stop().await.expect("clean stop");
+    let message = &messages[0];
+    assert!(
+        message
+            .header("Received")
+            .is_some_and(|r| r.contains("postfix.test")),
+        "relayed by Postfix: {}",
+        String::from_utf8_lossy(&message.data)
+    );
+    let verdicts = verify(dir.path(), &message.data, &records);
+    let ok: Vec<(&str, bool)> = verdicts.iter().map(|v| (v.a.as_str(), v.ok)).collect();
+    assert_eq!(
+        ok,
+        [("rsa-sha256", true), ("ed25519-sha256", true)],
+        "{verdicts:?}\n{}",
+        String::from_utf8_lossy(&message.data)
+    );
 }
 
 /// A key that cannot sign exits 64 before connecting, naming its entry.

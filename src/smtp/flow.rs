@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 /// At most `rate` messages per second, evenly spaced: a send waits for its slot, so there is
@@ -40,18 +40,26 @@ impl RateLimit {
     }
 }
 
-/// How many sends may be in flight to a relay, adjusted to what the relay says.
+/// How many sends may be in flight to a relay, adjusted to what the relay says. Sends wait in
+/// line, first come first served (a semaphore's queue): a job refused for overload goes to the
+/// back, so the refusals of a long throttle are shared by the waiting jobs instead of falling on
+/// the few that happen to ask first.
 #[derive(Debug)]
 pub struct Window {
     max: usize,
+    /// One permit per send in flight, `limit` of them in use or free; the rest were forgotten
+    /// when the window shrank.
+    permits: Semaphore,
     state: Mutex<WindowState>,
-    changed: Notify,
 }
 
 #[derive(Debug)]
 struct WindowState {
     limit: usize,
-    in_flight: usize,
+    /// The most the limit may grow to: `max`, or fewer while the relay takes fewer connections.
+    ceiling: usize,
+    /// Permits to forget as sends come back, after a shrink while they were in flight.
+    debt: usize,
     /// Successes since the last change; the window grows by one after `limit` of them.
     successes: usize,
     /// No second halving within this time: one overload burst is one signal.
@@ -81,7 +89,7 @@ fn pause_after(pauses: u32) -> Duration {
 #[derive(Debug)]
 pub struct Slot<'a> {
     window: &'a Window,
-    settled: bool,
+    permit: Option<SemaphorePermit<'a>>,
 }
 
 impl Window {
@@ -90,15 +98,16 @@ impl Window {
         let max = max.max(1);
         Self {
             max,
+            permits: Semaphore::new(max),
             state: Mutex::new(WindowState {
                 limit: max,
-                in_flight: 0,
+                ceiling: max,
+                debt: 0,
                 successes: 0,
                 calm_until: None,
                 pause_until: None,
                 pauses: 0,
             }),
-            changed: Notify::new(),
         }
     }
 
@@ -111,42 +120,44 @@ impl Window {
         self.lock().limit
     }
 
-    /// Waits for the pause after an overload to end, then for room in the window.
+    /// Waits in line for room in the window, then for the pause after an overload to end (in
+    /// its place: the next in line is the next to try).
     pub async fn acquire(&self) -> Slot<'_> {
+        let permit = match self.permits.acquire().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed; were it, waiting forever is the safe answer.
+            Err(_) => std::future::pending().await,
+        };
         loop {
-            let notified = self.changed.notified();
             let paused = self
                 .lock()
                 .pause_until
                 .filter(|until| Instant::now() < *until);
-            if let Some(until) = paused {
-                tokio::time::sleep_until(until).await;
-                continue;
+            match paused {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => break,
             }
-            {
-                let mut state = self.lock();
-                if state.in_flight < state.limit {
-                    state.in_flight += 1;
-                    return Slot {
-                        window: self,
-                        settled: false,
-                    };
-                }
-            }
-            notified.await;
+        }
+        Slot {
+            window: self,
+            permit: Some(permit),
         }
     }
 
-    fn release(&self, outcome: Option<bool>) {
+    fn release(&self, permit: SemaphorePermit<'_>, outcome: Option<bool>) {
         let mut state = self.lock();
-        state.in_flight = state.in_flight.saturating_sub(1);
         match outcome {
             Some(true) => {
                 state.pauses = 0;
                 state.successes += 1;
-                if state.successes >= state.limit && state.limit < self.max {
+                if state.successes >= state.limit && state.limit < state.ceiling {
                     state.limit += 1;
                     state.successes = 0;
+                    if state.debt > 0 {
+                        state.debt -= 1;
+                    } else {
+                        self.permits.add_permits(1);
+                    }
                 }
             }
             Some(false) => {
@@ -157,7 +168,9 @@ impl Window {
                     state.pause_until = Some(now + pause_after(state.pauses));
                 }
                 if state.calm_until.is_none_or(|until| now >= until) {
-                    state.limit = (state.limit / 2).max(1);
+                    let halved = (state.limit / 2).max(1);
+                    state.debt += state.limit - halved;
+                    state.limit = halved;
                     state.successes = 0;
                     // Sends already in flight may still report the same overload.
                     state.calm_until = Some(now + Duration::from_secs(1));
@@ -165,29 +178,62 @@ impl Window {
             }
             None => {}
         }
-        drop(state);
-        self.changed.notify_waiters();
+        if state.debt > 0 {
+            permit.forget();
+            state.debt -= 1;
+        } else {
+            drop(permit);
+        }
+        self.pay_debt(&mut state);
+    }
+
+    /// The rest of a shrink: from the permits nobody holds.
+    fn pay_debt(&self, state: &mut WindowState) {
+        while state.debt > 0 {
+            match self.permits.try_acquire() {
+                Ok(free) => {
+                    free.forget();
+                    state.debt -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// At most `ceiling` sends from now on (between 1 and `max`): the connections the relay
+    /// accepts. Shrinks the window at once if it is wider; it grows back only up to it.
+    pub fn set_ceiling(&self, ceiling: usize) {
+        let mut state = self.lock();
+        state.ceiling = ceiling.clamp(1, self.max);
+        if state.limit > state.ceiling {
+            state.debt += state.limit - state.ceiling;
+            state.limit = state.ceiling;
+            state.successes = 0;
+        }
+        self.pay_debt(&mut state);
     }
 }
 
 impl Slot<'_> {
     /// The send went through: the window may grow.
     pub fn succeeded(mut self) {
-        self.settled = true;
-        self.window.release(Some(true));
+        if let Some(permit) = self.permit.take() {
+            self.window.release(permit, Some(true));
+        }
     }
 
-    /// The relay said it is overloaded: the window halves.
+    /// The relay said it is overloaded: the window halves, and sends pause.
     pub fn overloaded(mut self) {
-        self.settled = true;
-        self.window.release(Some(false));
+        if let Some(permit) = self.permit.take() {
+            self.window.release(permit, Some(false));
+        }
     }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.window.release(None);
+        if let Some(permit) = self.permit.take() {
+            self.window.release(permit, None);
         }
     }
 }
@@ -268,6 +314,49 @@ mod tests {
         for n in [6, 9, 40] {
             assert!(pause_after(n) <= MAX_PAUSE.mul_f64(1.2));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sends_wait_in_line_so_a_refused_one_goes_to_the_back() {
+        let window = std::sync::Arc::new(Window::new(1));
+        let first = window.acquire().await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let second = {
+            let (window, tx) = (window.clone(), tx.clone());
+            tokio::spawn(async move {
+                let slot = window.acquire().await;
+                let _ = tx.send("second");
+                slot.overloaded();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The first is refused and asks again at once: the one that waited goes first.
+        first.overloaded();
+        let again = window.acquire().await;
+        let _ = tx.send("first again");
+        drop(again);
+        second.await.expect("second");
+        assert_eq!(rx.recv().await, Some("second"));
+        assert_eq!(rx.recv().await, Some("first again"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shrink_while_sends_are_in_flight_is_paid_as_they_come_back() {
+        let window = Window::new(4);
+        let slots: Vec<_> = futures_util::future::join_all((0..4).map(|_| window.acquire())).await;
+        let mut slots = slots.into_iter();
+        slots.next().expect("slot").overloaded();
+        assert_eq!(window.limit(), 2);
+        // Two more come back: one of them pays the rest of the debt; then two fit, not three.
+        drop(slots.next());
+        drop(slots.next());
+        drop(slots.next());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let a = window.acquire().await;
+        let b = window.acquire().await;
+        let third = tokio::time::timeout(Duration::from_millis(10), window.acquire()).await;
+        assert!(third.is_err(), "a third send does not fit a window of 2");
+        drop((a, b));
     }
 
     #[tokio::test(start_paused = true)]

@@ -84,6 +84,11 @@ pub struct Relay {
     connection_cap: Mutex<ConnectionCap>,
     /// A session came back to the pool: a send waiting for a connection may take it.
     returned: Notify,
+    /// Connections being opened now. At most as many as are open (one when none is): new
+    /// connections come in doubling waves, so that a relay's connection limit is met by one
+    /// refused connection, not by a burst of them.
+    connecting: Mutex<usize>,
+    connected: Notify,
     idle: Mutex<Vec<Session>>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -130,6 +135,8 @@ impl Relay {
             max_connections: limits.max_connections,
             connection_cap: Mutex::new(ConnectionCap::default()),
             returned: Notify::new(),
+            connecting: Mutex::new(0),
+            connected: Notify::new(),
             idle: Mutex::new(Vec::new()),
             max_idle: limits.max_idle,
             idle_timeout: config.pool_idle_timeout,
@@ -386,6 +393,12 @@ impl Relay {
             if !fresh_only && let Some(session) = self.take_idle(generation) {
                 return Ok((session, true));
             }
+            // A place in the wave first, then a permit: the permits held are those of open
+            // sessions and of connections being made, which is what a refusal teaches about.
+            let wave = tokio::select! {
+                wave = self.connect_wave() => wave,
+                () = &mut returned => continue,
+            };
             let permit = match self.sessions.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(TryAcquireError::Closed) => return Err(pool_closed()),
@@ -398,18 +411,41 @@ impl Relay {
                     () = &mut returned => continue,
                 },
             };
-            return match self.connector.connect(stage, token).await {
-                Ok(conn) => Ok((
-                    Session::new(conn, generation, permit, self.metrics.sessions_open.clone()),
-                    false,
-                )),
+            let opened = self.connector.connect(stage, token).await;
+            return match opened {
+                Ok(conn) => {
+                    // Counted open before the wave's place is given back.
+                    let session =
+                        Session::new(conn, generation, permit, self.metrics.sessions_open.clone());
+                    drop(wave);
+                    Ok((session, false))
+                }
                 Err(e) => {
+                    drop(wave);
                     if e.verdict() == Verdict::RelayOverloaded && e.stage() == Stage::Greeting {
                         self.cap_connections(permit, &e);
                     }
                     Err(e)
                 }
             };
+        }
+    }
+
+    /// Waits for a place in the current wave of connections (see `connecting`).
+    async fn connect_wave(&self) -> ConnectWave<'_> {
+        loop {
+            let connected = self.connected.notified();
+            tokio::pin!(connected);
+            connected.as_mut().enable();
+            {
+                let open = usize::try_from(self.metrics.sessions_open.get()).unwrap_or(0);
+                let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+                if *connecting < open.max(1) {
+                    *connecting += 1;
+                    return ConnectWave(self);
+                }
+            }
+            connected.await;
         }
     }
 
@@ -439,9 +475,9 @@ impl Relay {
     fn cap_connections(&self, refused: OwnedSemaphorePermit, error: &SendError) {
         let mut cap = self.lock_cap();
         let before = self.connection_limit(&cap);
-        // Ours open besides the refused one. None: not about how many we have (a relay
-        // refusing everyone, restarting): nothing to learn.
-        let open = before.saturating_sub(self.sessions.available_permits() + 1);
+        // Ours open. None: not about how many we have (a relay refusing everyone,
+        // restarting): nothing to learn.
+        let open = usize::try_from(self.metrics.sessions_open.get()).unwrap_or(0);
         if open == 0 {
             return;
         }
@@ -452,6 +488,10 @@ impl Relay {
         cap.changed = Some(Instant::now());
         let limit = self.connection_limit(&cap);
         self.metrics.connection_limit.set(limit as i64);
+        // No more sends in flight than connections: the others would wait for a session
+        // within their deadline.
+        self.window.set_ceiling(limit);
+        self.metrics.window.set(self.window.limit() as i64);
         if limit < before {
             tracing::info!(
                 relay = %self.name,
@@ -476,9 +516,9 @@ impl Relay {
         }
         cap.parked.pop();
         cap.changed = Some(Instant::now());
-        self.metrics
-            .connection_limit
-            .set(self.connection_limit(&cap) as i64);
+        let limit = self.connection_limit(&cap);
+        self.metrics.connection_limit.set(limit as i64);
+        self.window.set_ceiling(limit);
     }
 
     fn connection_limit(&self, cap: &ConnectionCap) -> usize {
@@ -529,6 +569,19 @@ impl Relay {
         self.sessions.close();
         let idle: Vec<Session> = self.lock_idle().drain(..).collect();
         futures_util::future::join_all(idle.into_iter().map(Session::quit)).await;
+    }
+}
+
+/// A place in a wave of connections, given back when the connection is made or failed.
+struct ConnectWave<'a>(&'a Relay);
+
+impl Drop for ConnectWave<'_> {
+    fn drop(&mut self) {
+        let relay = self.0;
+        let mut connecting = relay.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        *connecting = connecting.saturating_sub(1);
+        drop(connecting);
+        relay.connected.notify_waiters();
     }
 }
 

@@ -8,7 +8,7 @@
 //! behind the default feature `io`: the scripted SMTP relay ([`smtp`]), the fault proxy
 //! ([`proxy`]), the broker ([`broker`]), the three-node cluster of `.ci/rabbitmq-cluster` ([`cluster`]), the binary as a child process ([`process`]), the worker
 //! in-process ([`worker`]), a throwaway certificate authority ([`pki`]) and an OAuth2 token
-//! endpoint ([`oauth`]).
+//! endpoint ([`oauth`]) and a real Postfix in its own directories ([`postfix`]).
 
 pub mod hostile;
 pub mod invariants;
@@ -24,6 +24,8 @@ pub mod cluster;
 pub mod oauth;
 #[cfg(feature = "io")]
 pub mod pki;
+#[cfg(feature = "io")]
+pub mod postfix;
 #[cfg(feature = "io")]
 pub mod process;
 #[cfg(feature = "io")]
