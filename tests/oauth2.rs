@@ -16,7 +16,9 @@ use testkit::oauth::TokenEndpoint;
 use testkit::pki::TempDir;
 use testkit::process::{free_port, run_to_end};
 use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
-use testkit::worker::{RunningWorker, job, test_config, wait_events};
+use testkit::worker::{
+    RunningWorker, assert_each_delivered_once_first_try, job, test_config, wait_events,
+};
 
 const USER: &str = "mailer@example.com";
 const CLIENT_ID: &str = "amqp-mailer-test";
@@ -82,14 +84,7 @@ async fn short_lived_tokens_carry_20_s_of_traffic_at_concurrency_8() {
             .await;
     }
     let settled = wait_events(&mut events, JOBS, WAIT, |_| true).await;
-    let not_delivered: Vec<_> = settled
-        .iter()
-        .filter(|e| e.outcome != JobOutcome::Delivered || e.attempt != 1)
-        .collect();
-    assert!(not_delivered.is_empty(), "{not_delivered:?}");
-    let deliveries = smtp.deliveries();
-    assert_eq!(deliveries.len(), JOBS);
-    assert!(deliveries.values().all(|&n| n == 1), "each job once");
+    assert_each_delivered_once_first_try(&settled, &smtp, JOBS, "");
     assert!(
         smtp.messages()
             .iter()

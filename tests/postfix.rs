@@ -16,7 +16,10 @@ use testkit::metrics::metric_sum;
 use testkit::pki::{Pki, TempDir};
 use testkit::postfix::{Postfix, PostfixOptions};
 use testkit::smtp::SmtpServer;
-use testkit::worker::{RunningWorker, job, retry_queues, test_config, wait_events};
+use testkit::worker::{
+    RunningWorker, assert_each_delivered_once_first_try, job, publish_jobs, retry_queues,
+    test_config, wait_events,
+};
 
 const USER: &str = "mailer";
 const PASSWORD: &str = "s3cret pass:word";
@@ -255,31 +258,13 @@ async fn postfixs_rate_and_connection_limits_slow_the_worker_without_spending_at
     config.worker.concurrency = 16;
     let worker = RunningWorker::start(&broker, config).await;
     let mut events = worker.handles.events.subscribe();
-    for i in 0..JOBS {
-        broker
-            .publish(job(&format!("anvil-{i}"), "ann@example.com").as_bytes())
-            .await;
-    }
+    publish_jobs(&broker, "anvil", JOBS).await;
     let settled = wait_events(&mut events, JOBS, Duration::from_secs(120), |_| true).await;
     let metrics = worker.handles.metrics.encode();
     worker.stop().await.expect("clean stop");
-    let late: Vec<_> = settled
-        .iter()
-        .filter(|e| e.outcome != JobOutcome::Delivered || e.attempt != 1)
-        .collect();
+    relay.wait_for_messages(JOBS, WAIT).await;
     let log = postfix.log();
-    assert!(
-        late.is_empty(),
-        "not delivered on the first attempt: {late:?}\n{}",
-        log.lines()
-            .filter(|l| l.contains("reject") || l.contains("too m") || l.contains("warning"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let messages = relay.wait_for_messages(JOBS, WAIT).await;
-    let deliveries = relay.deliveries();
-    assert_eq!(deliveries.len(), JOBS, "{} messages", messages.len());
-    assert!(deliveries.values().all(|&n| n == 1), "each once");
+    assert_each_delivered_once_first_try(&settled, &relay, JOBS, &log);
     assert_eq!(broker.ready_count(&broker.names.dead).await, 0);
     assert_eq!(
         metric_sum(&metrics, "amqp_mailer_jobs_retried_total", &[]),

@@ -12,7 +12,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use testkit::broker::{Broker, WAIT, header};
 use testkit::metrics::metric_sum;
 use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
-use testkit::worker::{RunningWorker, job, test_config, wait_events};
+use testkit::worker::{
+    RunningWorker, assert_each_delivered_once_first_try, job, publish_jobs, test_config,
+    wait_events,
+};
 
 fn relay_entry(name: &str, port: u16, weight: u32) -> RelayEntry {
     RelayEntry {
@@ -447,25 +450,11 @@ async fn a_relay_that_limits_connections_and_rate_gets_each_job_once_on_its_firs
     config.worker.concurrency = 16;
     let worker = RunningWorker::start(&broker, config).await;
     let mut events = worker.handles.events.subscribe();
-    for i in 0..JOBS {
-        broker
-            .publish(job(&format!("anvil-{i}"), "ann@example.com").as_bytes())
-            .await;
-    }
+    publish_jobs(&broker, "anvil", JOBS).await;
     let settled = wait_events(&mut events, JOBS, WAIT, |_| true).await;
     let metrics = worker.handles.metrics.encode();
     worker.stop().await.expect("clean stop");
-    let late: Vec<_> = settled
-        .iter()
-        .filter(|e| e.outcome != JobOutcome::Delivered || e.attempt != 1)
-        .collect();
-    assert!(
-        late.is_empty(),
-        "not delivered on the first attempt: {late:?}"
-    );
-    let deliveries = smtp.deliveries();
-    assert_eq!(deliveries.len(), JOBS);
-    assert!(deliveries.values().all(|&n| n == 1), "each once");
+    assert_each_delivered_once_first_try(&settled, &smtp, JOBS, "");
     let state = smtp.state();
     eprintln!(
         "anvil: {} connections refused, {} rate refusals, {} sessions for {JOBS} jobs",

@@ -183,3 +183,37 @@ pub fn job(id: &str, to: &str) -> String {
     })
     .to_string()
 }
+
+/// Publishes `n` jobs, `{prefix}-0` to `{prefix}-{n-1}`, each to ann@example.com.
+pub async fn publish_jobs(broker: &Broker, prefix: &str, n: usize) {
+    for i in 0..n {
+        broker
+            .publish(job(&format!("{prefix}-{i}"), "ann@example.com").as_bytes())
+            .await;
+    }
+}
+
+/// Every settled event is a delivery on the first attempt, and the relay got each of the `n`
+/// jobs exactly once. `context` goes into the failure message (a relay's log, say).
+pub fn assert_each_delivered_once_first_try(
+    settled: &[JobEvent],
+    relay: &crate::smtp::SmtpServer,
+    n: usize,
+    context: &str,
+) {
+    use amqp_mailer::pipeline::JobOutcome;
+    let late: Vec<_> = settled
+        .iter()
+        .filter(|e| e.outcome != JobOutcome::Delivered || e.attempt != 1)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "not delivered on the first attempt: {late:?}\n{context}"
+    );
+    let deliveries = relay.deliveries();
+    assert_eq!(deliveries.len(), n, "{context}");
+    assert!(
+        deliveries.values().all(|&k| k == 1),
+        "each once: {deliveries:?}"
+    );
+}
