@@ -144,6 +144,7 @@ impl Config {
         for relay in self.relays_to_validate() {
             relay.validate()?;
         }
+        self.check_relay_names()?;
         self.retry.validate()?;
         self.log.validate()?;
         self.http.validate()?;
@@ -495,6 +496,16 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn two_relays_may_not_share_a_name() {
+        let (_dir, path) = write_file(
+            "[[relays.list]]\nhost = \"smtp.office365.com\"\n\
+             [[relays.list]]\nhost = \"smtp.office365.com\"\nusername = \"b\"\npassword = \"p\"\n",
+        );
+        let error = load(Some(&path), env(&[])).expect_err("same host:port");
+        assert_eq!(error.key, "relays.list[1].name", "{error}");
     }
 
     #[test]

@@ -296,6 +296,24 @@ impl Config {
             .collect()
     }
 
+    /// Each relay's name is its own: the metrics and logs of two relays must not mix.
+    pub(super) fn check_relay_names(&self) -> Result<(), ConfigError> {
+        let relays = self.relays();
+        for (i, relay) in relays.iter().enumerate() {
+            if let Some(first) = relays[..i].iter().position(|r| r.name == relay.name) {
+                return Err(ConfigError::new(
+                    format!("relays.list[{i}].name"),
+                    format!(
+                        "`{}` is also the name of relays.list[{first}]: give each relay its own \
+                         name (the default is host:port)",
+                        relay.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Every relay to check: `[smtp]` itself (the one relay, or what the entries start from),
     /// then each entry resolved over it.
     pub(super) fn relays_to_validate(&self) -> Vec<ResolvedRelay> {

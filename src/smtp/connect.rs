@@ -20,7 +20,9 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
 use lettre::transport::smtp::extension::ClientId;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
@@ -359,7 +361,10 @@ async fn read_reply(
     let mut total = 0;
     loop {
         let mut line = String::new();
-        let n = stream
+        // Bounded: a relay that never ends its line cannot grow this without limit.
+        let room = (MAX_REPLY_BYTES - total) as u64 + 1;
+        let n = (&mut *stream)
+            .take(room)
             .read_line(&mut line)
             .await
             .map_err(|e| broken(format!("connection error: {e}")))?;

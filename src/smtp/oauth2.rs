@@ -21,8 +21,9 @@ use crate::config::{OAuth2Config, Secret};
 /// from then on it is refreshed, and sessions opened with it are not reused.
 const REFRESH_SHARE: u32 = 5;
 const MAX_REFRESH_MARGIN: Duration = Duration::from_secs(60);
-/// When the endpoint gives no `expires_in`.
+/// When the endpoint gives no `expires_in`; and the longest believed.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Back-off between failed fetches (or unreadable token files): doubles from the first to the
 /// last, with jitter.
 const FIRST_RETRY: Duration = Duration::from_millis(250);
@@ -246,6 +247,8 @@ impl TokenSource {
                 let asked = Instant::now();
                 let (value, lifetime) =
                     fetch(client, url, client_id, client_secret, scope.as_deref()).await?;
+                // A day at most: an absurd expires_in must not overflow the clock.
+                let lifetime = lifetime.min(MAX_LIFETIME);
                 let margin = (lifetime / REFRESH_SHARE).min(MAX_REFRESH_MARGIN);
                 (value, Some(asked + lifetime.saturating_sub(margin)))
             }

@@ -1,7 +1,7 @@
 //! One relay: its pool of sessions, its limits (rate, connections, the overload window), its
 //! health, and a deadline on every send.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,22 @@ struct Session {
     /// The generation of the XOAUTH2 token it authenticated with.
     token: Option<u64>,
     last_used: Instant,
-    gauge: prometheus_client::metrics::gauge::Gauge,
+    open: OpenSessions,
     _permit: OwnedSemaphorePermit,
+}
+
+/// A relay's open sessions: its own count (two relays may share a name, and so a gauge),
+/// mirrored to the `smtp_sessions_open` gauge.
+#[derive(Clone)]
+struct OpenSessions {
+    count: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl OpenSessions {
+    fn get(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
 }
 
 impl Session {
@@ -35,15 +49,16 @@ impl Session {
         (conn, offers): (AsyncSmtpConnection, Offers),
         token: Option<u64>,
         permit: OwnedSemaphorePermit,
-        gauge: prometheus_client::metrics::gauge::Gauge,
+        open: OpenSessions,
     ) -> Self {
-        gauge.inc();
+        open.count.fetch_add(1, Ordering::Relaxed);
+        open.gauge.inc();
         Self {
             conn,
             offers,
             token,
             last_used: Instant::now(),
-            gauge,
+            open,
             _permit: permit,
         }
     }
@@ -56,9 +71,14 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.gauge.dec();
+        self.open.count.fetch_sub(1, Ordering::Relaxed);
+        self.open.gauge.dec();
     }
 }
+
+/// Connections opened at once while fewer are open: a relay that greets slowly still gets a few
+/// sessions going at once, and a connection limit costs a refused connection or two.
+const FIRST_WAVE: usize = 4;
 
 /// After a refused connection, one more is allowed this long after the last change.
 const CONNECTION_PROBE_INTERVAL: Duration = Duration::from_secs(30);
@@ -84,11 +104,12 @@ pub struct Relay {
     connection_cap: Mutex<ConnectionCap>,
     /// A session came back to the pool: a send waiting for a connection may take it.
     returned: Notify,
-    /// Connections being opened now. At most as many as are open (one when none is): new
-    /// connections come in doubling waves, so that a relay's connection limit is met by one
-    /// refused connection, not by a burst of them.
+    /// Connections being opened now. At most as many as are open (`FIRST_WAVE` while fewer
+    /// are): new connections come in doubling waves, so that a relay's connection limit is met
+    /// by a refused connection or two, not by a burst of them.
     connecting: Mutex<usize>,
     connected: Notify,
+    open: OpenSessions,
     idle: Mutex<Vec<Session>>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -137,6 +158,10 @@ impl Relay {
             returned: Notify::new(),
             connecting: Mutex::new(0),
             connected: Notify::new(),
+            open: OpenSessions {
+                count: Arc::new(AtomicUsize::new(0)),
+                gauge: metrics.sessions_open.clone(),
+            },
             idle: Mutex::new(Vec::new()),
             max_idle: limits.max_idle,
             idle_timeout: config.pool_idle_timeout,
@@ -245,15 +270,16 @@ impl Relay {
         let mut overloads = 0;
         let mut token_refused = false;
         loop {
-            // Before the deadline: a token endpoint that is down makes jobs wait, not fail.
-            let token = match &self.tokens {
-                Some(tokens) => Some(tokens.wait(abandon).await?),
-                None => None,
-            };
             if let Some(rate) = &self.rate {
                 rate.acquire().await;
             }
             let slot = self.window.acquire().await;
+            // Before the deadline: a token endpoint that is down makes jobs wait, not fail.
+            // After the window's wait, so that the token is the freshest when the send starts.
+            let token = match &self.tokens {
+                Some(tokens) => Some(tokens.wait(abandon).await?),
+                None => None,
+            };
             let result = match self.send_once(out, abandon, token.as_deref()).await {
                 Ok(sent) => Ok(sent),
                 Err(Stop::Failed(error)) => Err(error),
@@ -385,50 +411,75 @@ impl Relay {
         token: Option<&Token>,
     ) -> Result<(Session, bool), SendError> {
         let generation = token.map(|t| t.generation);
-        loop {
-            // Registered before looking, so that a session returned meanwhile is not missed.
-            let returned = self.returned.notified();
-            tokio::pin!(returned);
-            returned.as_mut().enable();
+        let (wave, permit) = loop {
+            // The common case first, without registering for wake-ups.
             if !fresh_only && let Some(session) = self.take_idle(generation) {
                 return Ok((session, true));
             }
-            // A place in the wave first, then a permit: the permits held are those of open
-            // sessions and of connections being made, which is what a refusal teaches about.
-            let wave = tokio::select! {
-                wave = self.connect_wave() => wave,
-                () = &mut returned => continue,
-            };
-            let permit = match self.sessions.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(TryAcquireError::Closed) => return Err(pool_closed()),
-                // As many sessions open as the relay allows: the first one back, or the
-                // first permit freed, whichever comes first.
-                Err(TryAcquireError::NoPermits) => tokio::select! {
-                    permit = self.sessions.clone().acquire_owned() => {
-                        permit.map_err(|_| pool_closed())?
-                    }
-                    () = &mut returned => continue,
-                },
-            };
-            let opened = self.connector.connect(stage, token).await;
-            return match opened {
-                Ok(conn) => {
-                    // Counted open before the wave's place is given back.
-                    let session =
-                        Session::new(conn, generation, permit, self.metrics.sessions_open.clone());
-                    drop(wave);
-                    Ok((session, false))
+            match self.wait_to_connect(fresh_only, generation).await? {
+                Ready::Reuse(session) => return Ok((*session, true)),
+                Ready::Connect(wave, permit) => break (wave, permit),
+                Ready::LookAgain => continue,
+            }
+        };
+        match self.connector.connect(stage, token).await {
+            Ok(conn) => {
+                // Counted open before the wave's place is given back.
+                let session = Session::new(conn, generation, permit, self.open.clone());
+                drop(wave);
+                Ok((session, false))
+            }
+            Err(e) => {
+                if e.verdict() == Verdict::RelayOverloaded
+                    && e.stage() == Stage::Greeting
+                    && speaks_of_connection_limits(e.message())
+                {
+                    self.cap_connections(permit, &e);
                 }
-                Err(e) => {
-                    drop(wave);
-                    if e.verdict() == Verdict::RelayOverloaded && e.stage() == Stage::Greeting {
-                        self.cap_connections(permit, &e);
-                    }
-                    Err(e)
-                }
-            };
+                // After the cap: a waiter it wakes sees the new limit.
+                drop(wave);
+                Err(e)
+            }
         }
+    }
+
+    /// One look for a way to send: an idle session, or a place in the wave and a permit to
+    /// connect. `LookAgain` when a session came back meanwhile. The wake-up registration ends
+    /// here, before any connecting, so that a session coming back goes to a send still waiting.
+    async fn wait_to_connect(
+        &self,
+        fresh_only: bool,
+        generation: Option<u64>,
+    ) -> Result<Ready<'_>, SendError> {
+        // Registered before looking, so that a session returned meanwhile is not missed.
+        let returned = self.returned.notified();
+        tokio::pin!(returned);
+        returned.as_mut().enable();
+        if !fresh_only && let Some(session) = self.take_idle(generation) {
+            // Came back between the first look and the registration: rare.
+            return Ok(Ready::Reuse(Box::new(session)));
+        }
+        // A place in the wave first, then a permit: the permits held are those of open
+        // sessions and of connections being made, which is what a refusal teaches about. A
+        // send that must not reuse a session (the pooled one was stale) takes no wake-up meant
+        // for the others.
+        let wave = tokio::select! {
+            wave = self.connect_wave() => wave,
+            () = &mut returned, if !fresh_only => return Ok(Ready::LookAgain),
+        };
+        let permit = match self.sessions.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(pool_closed()),
+            // As many sessions open as the relay allows: the first one back, or the first
+            // permit freed, whichever comes first.
+            Err(TryAcquireError::NoPermits) => tokio::select! {
+                permit = self.sessions.clone().acquire_owned() => {
+                    permit.map_err(|_| pool_closed())?
+                }
+                () = &mut returned, if !fresh_only => return Ok(Ready::LookAgain),
+            },
+        };
+        Ok(Ready::Connect(wave, permit))
     }
 
     /// Waits for a place in the current wave of connections (see `connecting`).
@@ -438,9 +489,9 @@ impl Relay {
             tokio::pin!(connected);
             connected.as_mut().enable();
             {
-                let open = usize::try_from(self.metrics.sessions_open.get()).unwrap_or(0);
+                let open = self.open.get();
                 let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
-                if *connecting < open.max(1) {
+                if *connecting < open.max(FIRST_WAVE) {
                     *connecting += 1;
                     return ConnectWave(self);
                 }
@@ -477,7 +528,7 @@ impl Relay {
         let before = self.connection_limit(&cap);
         // Ours open. None: not about how many we have (a relay refusing everyone,
         // restarting): nothing to learn.
-        let open = usize::try_from(self.metrics.sessions_open.get()).unwrap_or(0);
+        let open = self.open.get();
         if open == 0 {
             return;
         }
@@ -572,6 +623,24 @@ impl Relay {
     }
 }
 
+/// What `Relay::wait_to_connect` found.
+enum Ready<'a> {
+    Reuse(Box<Session>),
+    Connect(ConnectWave<'a>, OwnedSemaphorePermit),
+    LookAgain,
+}
+
+/// A refusal about how many connections we have (Postfix's "too many connections from",
+/// Exim's "too many concurrent SMTP connections", Microsoft 365's "maximum number of concurrent
+/// server connections"), not a relay closing for everyone.
+fn speaks_of_connection_limits(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("connection")
+        && ["too many", "limit", "maximum", "exceeded"]
+            .iter()
+            .any(|w| text.contains(w))
+}
+
 /// A place in a wave of connections, given back when the connection is made or failed.
 struct ConnectWave<'a>(&'a Relay);
 
@@ -591,4 +660,28 @@ fn pool_closed() -> SendError {
         "the SMTP pool is shut down".into(),
         Stage::Connect,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_about_our_connections_lowers_the_cap() {
+        for text in [
+            "421 4.7.0 mx.example Error: too many connections from 127.0.0.1",
+            "421 Too many concurrent SMTP connections from this IP address; please try again later",
+            "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit",
+            "421 4.7.0 connection limit reached",
+        ] {
+            assert!(speaks_of_connection_limits(text), "{text}");
+        }
+        for text in [
+            "421 4.3.2 Service shutting down",
+            "421 4.7.0 Try again later, closing connection.",
+            "421 mx.example Service not available",
+        ] {
+            assert!(!speaks_of_connection_limits(text), "{text}");
+        }
+    }
 }
