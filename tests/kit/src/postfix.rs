@@ -1,7 +1,11 @@
 //! A real Postfix (Debian's package, installed by `bash .ci/install-test-tools`) as a relay in
 //! front of a test relay: its own configuration and queue directories under
-//! `target/test-tools/postfix/`, never the system's `/etc/postfix`, on a port of its own on
+//! `/var/tmp/amqp-mailer-postfix/`, never the system's `/etc/postfix`, on a port of its own on
 //! 127.0.0.1, relaying everything it accepts to `[127.0.0.1]:<relay port>`.
+//!
+//! Not under the checkout's `target/`: Postfix's daemons run as the `postfix` user, which must
+//! traverse every parent of the queue directory, and a checkout often sits in a directory only
+//! its owner may enter (a CI clone in `mktemp -d`, mode 0700).
 //!
 //! What it can be asked for: STARTTLS with a certificate of the test's CA (and AUTH only over
 //! TLS), AUTH PLAIN and LOGIN through Cyrus SASL with a sasldb of its own, a recipient access
@@ -193,12 +197,11 @@ impl Drop for Postfix {
     }
 }
 
+/// Where instances live: a fixed directory every user can traverse (see the module's
+/// documentation), shared by every checkout on the machine; names carry the owning process's
+/// pid, so that runs side by side keep apart and a dead run's instances are found.
 fn base_dir() -> PathBuf {
-    let profile = crate::process::profile_dir();
-    profile
-        .parent()
-        .unwrap_or(&profile)
-        .join("test-tools/postfix")
+    PathBuf::from("/var/tmp/amqp-mailer-postfix")
 }
 
 /// Stops the instance in `dir` and removes it.
