@@ -9,14 +9,14 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{Publisher, Topology, TopologyError};
-use crate::config::{AmbiguousPolicy, Config};
+use crate::config::{AmbiguousPolicy, Config, TransportKind};
 use crate::dkim::Signers;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
 use crate::pipeline::{Consumer, JobContext, JobEvent, RecentlySettled};
 use crate::policy::Schedule;
 use crate::shutdown::Shutdown;
-use crate::smtp::{Relay, RelaySet};
+use crate::smtp::{OUTBOX, Outbox, Relay, RelaySet, Transport};
 use crate::status::Status;
 use crate::{http, systemd};
 
@@ -68,20 +68,7 @@ pub async fn run(
     let schedule = Schedule::new(&config.retry)
         .dead_letter_ambiguous(config.smtp.ambiguous == AmbiguousPolicy::DeadLetter);
     let topology = Topology::new(&config.amqp, &schedule);
-    let mut relays = Vec::new();
-    for relay in config.relays() {
-        let built = Relay::new(
-            relay.name.clone(),
-            relay.weight,
-            &relay.smtp,
-            relay.limits.clone(),
-            metrics.relay(&relay.name),
-        )
-        .map_err(|e| RunError::Config(e.to_string()))?;
-        tracing::info!(relay = %built.describe(), name = %relay.name, "SMTP relay");
-        relays.push(built);
-    }
-    let relays = RelaySet::new(relays, config.relays.mode);
+    let transport = transport(&config, &metrics)?;
     let defaults = MessageDefaults {
         from: config
             .smtp
@@ -98,7 +85,7 @@ pub async fn run(
         receipts,
         receipts_waiting: Default::default(),
         settling: Default::default(),
-        relays,
+        transport,
         max_age: config.retry.max_age,
         publisher: Publisher::new(config.amqp.publish_timeout),
         topology,
@@ -122,7 +109,7 @@ pub async fn run(
         let health = Arc::new(http::Health {
             status: status.clone(),
             metrics: metrics.clone(),
-            relay_auth_failing: Box::new(move || relay_ctx.relays.auth_failing()),
+            relay_auth_failing: Box::new(move || relay_ctx.transport.auth_failing()),
             broker_blocked: {
                 let ctx = ctx.clone();
                 Box::new(move || ctx.publisher.blocked())
@@ -146,11 +133,23 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(period) => ctx.relays.reap_idle().await,
+                    _ = tokio::time::sleep(period) => ctx.transport.reap_idle().await,
                     _ = background.cancelled() => return,
                 }
             }
         });
+    }
+
+    if config.smtp.from.is_none() {
+        tracing::warn!(
+            "smtp.from is not set: a job without its own `from` is dead-lettered as invalid. \
+             Set smtp.from (AMQP_MAILER_SMTP__FROM) to the sender such jobs should have"
+        );
+    }
+    {
+        // In the background: a relay that does not answer must not delay consuming.
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.transport.check_at_start().await });
     }
 
     let consumer = Consumer {
@@ -162,7 +161,38 @@ pub async fn run(
     };
     let shutdown = Shutdown::new(shutdown, force, config.shutdown.grace);
     let result = consumer.run(&shutdown).await.map_err(RunError::Topology);
-    ctx.relays.close().await;
+    ctx.transport.close().await;
     background.cancel();
     result
+}
+
+/// The relays of the configuration, or the outbox (`smtp.transport`).
+fn transport(config: &Config, metrics: &Metrics) -> Result<Transport, RunError> {
+    if let (TransportKind::Outbox, Some(dir)) = (config.smtp.transport, &config.smtp.outbox_dir) {
+        tracing::info!(
+            dir = %dir.display(),
+            "writing each message to the outbox folder (smtp.transport = outbox): nothing is sent"
+        );
+        if !config.relays.list.is_empty() {
+            tracing::info!("relays.list is not used while smtp.transport = outbox");
+        }
+        return Ok(Transport::Outbox(Outbox::new(
+            dir.clone(),
+            metrics.relay(OUTBOX),
+        )));
+    }
+    let mut relays = Vec::new();
+    for relay in config.relays() {
+        let built = Relay::new(
+            relay.name.clone(),
+            relay.weight,
+            &relay.smtp,
+            relay.limits.clone(),
+            metrics.relay(&relay.name),
+        )
+        .map_err(|e| RunError::Config(e.to_string()))?;
+        tracing::info!(relay = %built.describe(), name = %relay.name, "SMTP relay");
+        relays.push(built);
+    }
+    Ok(Transport::Relays(RelaySet::new(relays, config.relays.mode)))
 }

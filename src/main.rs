@@ -44,7 +44,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker (the default).
-    Run,
+    Run(RunArgs),
     /// Enqueue one job, confirmed by the broker, and print its id.
     Publish(PublishArgs),
     /// Look at the dead-letter queue, or move jobs from it back to the work queue.
@@ -60,6 +60,14 @@ enum Command {
     DkimRecord(DkimRecordArgs),
 }
 
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// Write each message to DIR as an .eml file (its envelope in a .json file beside it)
+    /// instead of sending it: sets smtp.transport = "outbox" and smtp.outbox_dir = DIR.
+    #[arg(long, value_name = "DIR")]
+    outbox: Option<PathBuf>,
+}
+
 #[derive(clap::Args)]
 struct DkimRecordArgs {
     /// Only the keys of this domain.
@@ -69,19 +77,39 @@ struct DkimRecordArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match config::load(cli.config.as_deref(), std::env::vars()) {
+    let command = cli.command.unwrap_or(Command::Run(RunArgs::default()));
+    // Flags that stand for configuration keys, applied over the environment.
+    let mut overrides = Vec::new();
+    if let Command::Run(RunArgs {
+        outbox: Some(dir), ..
+    }) = &command
+    {
+        let Some(dir) = dir.to_str() else {
+            eprintln!(
+                "amqp-mailer: --outbox: the path is not UTF-8: {}",
+                dir.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        };
+        overrides.push((
+            "AMQP_MAILER_SMTP__TRANSPORT".to_string(),
+            "outbox".to_string(),
+        ));
+        overrides.push(("AMQP_MAILER_SMTP__OUTBOX_DIR".to_string(), dir.to_string()));
+    }
+    let config = match config::load(cli.config.as_deref(), std::env::vars().chain(overrides)) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("amqp-mailer: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
         Command::Config => {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Run => run(config),
+        Command::Run(_) => run(config),
         Command::Publish(args) => tool(publish::run(&config, args)),
         Command::DeadLetters(command) => tool(dead_letters::run(&config, command)),
         Command::Health(args) => tool(health::run(&config, args)),

@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 
 use amqp_mailer::app::RunError;
 use amqp_mailer::config::QueueType;
-use base64::Engine as _;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use mail_parser::MimeHeaders as _;
 use testkit::broker::{Broker, WAIT, header};
 use testkit::smtp::{Action, Cmd, Rule, SmtpServer};
-use testkit::worker::{RunningWorker, job, test_config};
+use testkit::worker::{RunningWorker, SAMPLE_PDF, job, sample_jobs, test_config};
 
 fn count_commands(server: &SmtpServer, verb: &str) -> usize {
     server
@@ -28,34 +27,12 @@ async fn delivers_plain_html_alternative_and_attachment_with_right_envelope_and_
     let broker = Broker::new("deliver").await;
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
 
-    let pdf = b"%PDF-1.4 fake";
-    let jobs = [
-        serde_json::json!({
-            "id": "plain-1", "to": "Ann Example <ann@example.com>",
-            "cc": ["carl@example.com"], "bcc": "hidden@example.net",
-            "reply_to": "help@example.com",
-            "subject": "Grüße aus Köln – 你好", "text": "Hello Ann,\n.leading dot line\nbye",
-            "headers": {"X-Campaign": "spring"}
-        }),
-        serde_json::json!({
-            "id": "html-1", "from": "Shop <shop@shop.example>", "to": "bob@example.com",
-            "subject": "HTML only", "html": "<p>Hi <b>Bob</b></p>"
-        }),
-        serde_json::json!({
-            "id": "both-1", "to": ["dora@example.com"], "subject": "Both",
-            "text": "plain version", "html": "<p>html version</p>"
-        }),
-        serde_json::json!({
-            "id": "attach-1", "to": "eve@example.com", "subject": "Invoice",
-            "text": "see attached",
-            "attachments": [{"filename": "rechnung-ä.pdf", "content_type": "application/pdf",
-                             "content_base64": base64::engine::general_purpose::STANDARD.encode(pdf)}]
-        }),
-    ];
+    let pdf = SAMPLE_PDF;
+    let jobs = sample_jobs();
     for job in &jobs {
         broker.publish(job.to_string().as_bytes()).await;
     }
-    let messages = smtp.wait_for_messages(4, WAIT).await;
+    let messages = smtp.wait_for_messages(jobs.len(), WAIT).await;
     let by_id: HashMap<String, _> = messages
         .iter()
         .map(|m| (m.header("Message-ID").expect("Message-ID"), m))

@@ -297,3 +297,169 @@ fn which(program: &str) -> Option<PathBuf> {
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
 }
+
+/// The `sh` blocks of the README's section `heading`, in order.
+fn readme_commands(heading: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
+    let start = readme
+        .find(&format!("\n## {heading}\n"))
+        .unwrap_or_else(|| panic!("the README has a section {heading:?}"));
+    let section = &readme[start + 1..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    section
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| {
+            block
+                .split("\n```")
+                .next()
+                .expect("a closed block")
+                .to_string()
+        })
+        .collect()
+}
+
+/// A README command as the shell runs it, with `cargo run --release --` standing for the binary
+/// cargo built for the tests (the same code; a release build here would take minutes).
+fn as_built(command: &str) -> String {
+    let binary = testkit::process::binary().to_string_lossy().into_owned();
+    assert!(
+        command.contains("cargo run --release -- "),
+        "a README command runs the binary with cargo: {command}"
+    );
+    command.replace("cargo run --release --", &binary)
+}
+
+/// `command` with `exec` before its program (after any leading `NAME=value` words), so that the
+/// process the test signals is the program itself, not a shell around it.
+fn exec(command: &str) -> String {
+    let words: Vec<&str> = command.split(' ').collect();
+    let assignments = words
+        .iter()
+        .take_while(|w| {
+            w.split_once('=').is_some_and(|(name, _)| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+        })
+        .count();
+    let (env, program) = words.split_at(assignments);
+    [env, &["exec"], program].concat().join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_run_it_with_the_outbox_shows_the_published_job_as_an_eml_file() {
+    let commands = readme_commands("Run it");
+    let [worker_command, publish_command, ..] = commands.as_slice() else {
+        panic!("Run it shows the worker's command, then the publish command: {commands:?}");
+    };
+    assert!(worker_command.contains("--outbox mail"), "{worker_command}");
+    let broker = Broker::new("runit").await;
+    let cwd = tempfile::tempdir().expect("temp dir");
+    // The README's commands, on this test's own queues (the only settings added).
+    let env = testkit::process::broker_env(&broker.names);
+    let shell = |command: &str| {
+        let mut shell = tokio::process::Command::new("sh");
+        shell
+            .arg("-c")
+            .arg(exec(&as_built(command)))
+            .current_dir(cwd.path())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        testkit::process::without_worker_env(&mut shell);
+        shell.envs(env.iter().map(|(k, v)| (k, v)));
+        shell
+    };
+    let mut worker = shell(worker_command)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the worker");
+    let stderr = worker.stderr.take().expect("stderr");
+    let (log_tx, mut log) = tokio::sync::watch::channel(String::new());
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            log_tx.send_modify(|log| {
+                log.push_str(&line);
+                log.push('\n');
+            });
+        }
+    });
+    let consuming = matches!(
+        tokio::time::timeout(WAIT, log.wait_for(|l| l.contains("consuming"))).await,
+        Ok(Ok(_))
+    );
+    assert!(
+        consuming,
+        "the worker consumes; log:\n{}",
+        log.borrow().as_str()
+    );
+    assert!(
+        !log.borrow().contains("WARN"),
+        "a first start as the README shows it warns of nothing:\n{}",
+        log.borrow().as_str()
+    );
+
+    let published = tokio::time::timeout(WAIT, shell(publish_command).output())
+        .await
+        .expect("publish finished in time")
+        .expect("run publish");
+    assert!(
+        published.status.success(),
+        "publish: {}\nthe worker's log:\n{}",
+        String::from_utf8_lossy(&published.stderr),
+        log.borrow().as_str()
+    );
+    let id = String::from_utf8_lossy(&published.stdout)
+        .trim()
+        .to_string();
+    let mail = cwd.path().join("mail");
+    let deadline = std::time::Instant::now() + WAIT;
+    let eml = loop {
+        let found = std::fs::read_dir(&mail).ok().and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|e| e == "eml"))
+        });
+        if let Some(eml) = found {
+            break eml;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no .eml file in mail/ within {WAIT:?}; log:\n{}",
+            log.borrow().as_str()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let message = std::fs::read(&eml).expect("read the .eml");
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&message)
+        .expect("a mail client can read it");
+    assert_eq!(parsed.subject(), Some("Hello"));
+    assert_eq!(
+        parsed.body_text(0).as_deref().map(str::trim),
+        Some("It works.")
+    );
+    assert_eq!(
+        parsed.message_id().map(|m| m.to_string()),
+        Some(format!("{id}@example.com"))
+    );
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eml.with_extension("json")).expect("the envelope"))
+            .expect("JSON");
+    assert_eq!(envelope["mail_from"], "noreply@example.com");
+    assert_eq!(envelope["rcpt_to"], serde_json::json!(["you@example.com"]));
+
+    let pid = worker.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .expect("the worker stops")
+        .expect("wait");
+    assert!(exited.success(), "log:\n{}", log.borrow().as_str());
+}

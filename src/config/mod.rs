@@ -37,5 +37,5 @@ pub use relays::{RelayEntry, RelayLimits, RelayMode, RelaysConfig, ResolvedRelay
 pub use retry::RetryConfig;
 pub use secret::{Secret, redact_url};
 pub use shutdown::ShutdownConfig;
-pub use smtp::{AmbiguousPolicy, AuthMechanism, SmtpConfig, TlsMode, is_dot_atom};
+pub use smtp::{AmbiguousPolicy, AuthMechanism, SmtpConfig, TlsMode, TransportKind, is_dot_atom};
 pub use worker::WorkerConfig;

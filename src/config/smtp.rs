@@ -48,12 +48,26 @@ pub enum AmbiguousPolicy {
     /// Dead-letter it: a person decides.
     DeadLetter,
 }
-by_name!(TlsMode, AuthMechanism, AmbiguousPolicy);
+/// Where messages go: to a relay over SMTP, or to a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", remote = "Self")]
+pub enum TransportKind {
+    /// Over SMTP, to `smtp.host` or the relays of `relays.list`.
+    Smtp,
+    /// Written to `smtp.outbox_dir`, one `.eml` file per message with its envelope beside it;
+    /// nothing is sent. For a first try, development and tests.
+    Outbox,
+}
+by_name!(TlsMode, AuthMechanism, AmbiguousPolicy, TransportKind);
 
 /// `[smtp]`: the one relay, or the settings the entries of `relays.list` leave out.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SmtpConfig {
+    /// `smtp` (default) or `outbox`: write each message to `outbox_dir` instead of sending it.
+    pub transport: TransportKind,
+    /// The folder of `transport = "outbox"`; created if missing. Default unset.
+    pub outbox_dir: Option<PathBuf>,
     /// Relay host name or address. Default `localhost`.
     pub host: String,
     /// Relay port. Default: 25 with `tls = "none"`, 587 with STARTTLS, 465 with `tls = "tls"`.
@@ -118,6 +132,8 @@ pub struct SmtpConfig {
 impl Default for SmtpConfig {
     fn default() -> Self {
         Self {
+            transport: TransportKind::Smtp,
+            outbox_dir: None,
             host: "localhost".into(),
             port: None,
             tls: TlsMode::Starttls,
@@ -158,6 +174,18 @@ impl SmtpConfig {
     /// reads `smtp.password_file`. What a relay entry can override (host, port, CA, credentials,
     /// rate, connections) is checked per resolved relay, `ResolvedRelay::validate`.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
+        match (&self.transport, &self.outbox_dir) {
+            (TransportKind::Outbox, None) => {
+                return Err(ConfigError::new(
+                    "smtp.outbox_dir",
+                    "is required with smtp.transport = \"outbox\": the folder to write mail to",
+                ));
+            }
+            (TransportKind::Outbox, Some(dir)) if dir.as_os_str().is_empty() => {
+                return Err(ConfigError::new("smtp.outbox_dir", "must not be empty"));
+            }
+            _ => {}
+        }
         positive("smtp.timeout", self.timeout)?;
         positive("smtp.connect_timeout", self.connect_timeout)?;
         positive("smtp.pool_idle_timeout", self.pool_idle_timeout)?;
@@ -286,7 +314,15 @@ mod tests {
     fn defaults_are_valid_and_each_failure_names_its_key() {
         assert!(SmtpConfig::default().validate().is_ok());
         type Break = fn(&mut SmtpConfig);
-        let cases: [(Break, &str); 7] = [
+        let cases: [(Break, &str); 9] = [
+            (|c| c.transport = TransportKind::Outbox, "smtp.outbox_dir"),
+            (
+                |c| {
+                    c.transport = TransportKind::Outbox;
+                    c.outbox_dir = Some(PathBuf::new());
+                },
+                "smtp.outbox_dir",
+            ),
             (|c| c.timeout = Duration::ZERO, "smtp.timeout"),
             (|c| c.pool_size = Some(0), "smtp.pool_size"),
             (|c| c.from = Some("not an address".into()), "smtp.from"),

@@ -131,7 +131,7 @@ async fn send(
     }
     facts.recipients = out.envelope.to().iter().map(ToString::to_string).collect();
     let started = std::time::Instant::now();
-    let Attempted { relay, result } = match ctx.relays.send(&out, abandon).await {
+    let Attempted { relay, result } = match ctx.transport.send(&out, abandon).await {
         Ok(attempted) => attempted,
         Err(Abandoned) => return Attempt::Abandoned,
     };

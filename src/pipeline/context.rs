@@ -14,12 +14,12 @@ use crate::job::Limits;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
 use crate::policy::{ErrorKind, Schedule};
-use crate::smtp::RelaySet;
+use crate::smtp::Transport;
 
-/// The shared job context: the relays, the publisher, the topology and the rules every job of
+/// The shared job context: the transport (relays or outbox), the publisher, the topology and the rules every job of
 /// this worker is handled with.
 pub struct JobContext {
-    pub relays: RelaySet,
+    pub transport: Transport,
     pub publisher: Publisher,
     pub topology: Topology,
     pub schedule: Schedule,

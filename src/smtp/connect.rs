@@ -161,6 +161,20 @@ impl Connector {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// Whether a TCP connection can be opened, within `smtp.connect_timeout`; why not.
+    pub(crate) async fn reachable(&self) -> Result<(), String> {
+        let connect = TcpStream::connect((self.host.as_str(), self.port));
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{}: {e}", self.endpoint())),
+            Err(_) => Err(format!(
+                "{}: no answer within smtp.connect_timeout = {:?}",
+                self.endpoint(),
+                self.connect_timeout
+            )),
+        }
+    }
+
     /// One line for the start-up log: where, how encrypted, how authenticated.
     pub(crate) fn describe(&self) -> String {
         let tls = match self.mode {

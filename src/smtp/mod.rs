@@ -1,4 +1,6 @@
-//! Sending over SMTP: a pool of lettre client sessions, a deadline on every send, and the
+//! Sending: over SMTP, or into the outbox folder (`transport.rs`, `outbox.rs`: `smtp.transport`).
+//!
+//! Over SMTP: a pool of lettre client sessions, a deadline on every send, and the
 //! classification of every failure where it is born.
 //!
 //! Several relays (failover or weighted round-robin, `relay_set.rs`) each have a pool of sessions,
@@ -19,12 +21,16 @@ mod connect;
 mod error;
 pub mod flow;
 mod oauth2;
+mod outbox;
 mod relay;
 mod relay_set;
 mod transaction;
+mod transport;
 
 pub use connect::TlsSetupError;
 pub use error::{Abandoned, EnhancedCode, JobMeaning, SendError, Stage, Verdict};
+pub use outbox::Outbox;
 pub use relay::Relay;
 pub use relay_set::{Attempted, RelaySet};
 pub use transaction::{Refusal, Sent};
+pub use transport::{OUTBOX, Transport};

@@ -189,6 +189,11 @@ impl Relay {
         self.weight
     }
 
+    /// Whether the relay accepts a TCP connection (see `Connector::reachable`).
+    pub async fn reachable(&self) -> Result<(), String> {
+        self.connector.reachable().await
+    }
+
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
         match &self.tokens {

@@ -184,6 +184,40 @@ pub fn job(id: &str, to: &str) -> String {
     .to_string()
 }
 
+/// The attachment of [`sample_jobs`]' `attach-1`.
+pub const SAMPLE_PDF: &[u8] = b"%PDF-1.4 fake";
+
+/// Jobs of every shape the pipeline tests deliver: plain text with cc, bcc, reply-to, a
+/// non-ASCII subject, a line starting with a dot and a custom header; HTML only with its own
+/// sender; text and HTML; an attachment with a non-ASCII name. What a relay receives for them
+/// is checked in `tests/pipeline.rs`, and that the outbox holds the same in `tests/outbox.rs`.
+pub fn sample_jobs() -> Vec<serde_json::Value> {
+    use base64::Engine as _;
+    vec![
+        serde_json::json!({
+            "id": "plain-1", "to": "Ann Example <ann@example.com>",
+            "cc": ["carl@example.com"], "bcc": "hidden@example.net",
+            "reply_to": "help@example.com",
+            "subject": "Grüße aus Köln – 你好", "text": "Hello Ann,\n.leading dot line\nbye",
+            "headers": {"X-Campaign": "spring"}
+        }),
+        serde_json::json!({
+            "id": "html-1", "from": "Shop <shop@shop.example>", "to": "bob@example.com",
+            "subject": "HTML only", "html": "<p>Hi <b>Bob</b></p>"
+        }),
+        serde_json::json!({
+            "id": "both-1", "to": ["dora@example.com"], "subject": "Both",
+            "text": "plain version", "html": "<p>html version</p>"
+        }),
+        serde_json::json!({
+            "id": "attach-1", "to": "eve@example.com", "subject": "Invoice",
+            "text": "see attached",
+            "attachments": [{"filename": "rechnung-ä.pdf", "content_type": "application/pdf",
+                             "content_base64": base64::engine::general_purpose::STANDARD.encode(SAMPLE_PDF)}]
+        }),
+    ]
+}
+
 /// Publishes `n` jobs, `{prefix}-0` to `{prefix}-{n-1}`, each to ann@example.com.
 pub async fn publish_jobs(broker: &Broker, prefix: &str, n: usize) {
     for i in 0..n {
