@@ -69,14 +69,7 @@ pub async fn run(
         .dead_letter_ambiguous(config.smtp.ambiguous == AmbiguousPolicy::DeadLetter);
     let topology = Topology::new(&config.amqp, &schedule);
     let transport = transport(&config, &metrics)?;
-    let defaults = MessageDefaults {
-        from: config
-            .smtp
-            .from
-            .as_deref()
-            .and_then(|from| from.parse().ok()),
-        message_id_domain: config.smtp.message_id_domain.clone(),
-    };
+    let defaults = MessageDefaults::of(&config.smtp);
     // Read before any connection: a key that cannot sign exits 64, naming its entry.
     let dkim = Signers::new(&config.dkim).map_err(|e| RunError::Config(e.to_string()))?;
     let receipts = topology.events_exchange.clone();
@@ -146,7 +139,7 @@ pub async fn run(
              Set smtp.from (AMQP_MAILER_SMTP__FROM) to the sender such jobs should have"
         );
     }
-    {
+    if config.smtp.check_at_start || config.smtp.transport == TransportKind::Outbox {
         // In the background: a relay that does not answer must not delay consuming.
         let ctx = ctx.clone();
         tokio::spawn(async move { ctx.transport.check_at_start().await });

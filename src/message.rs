@@ -23,6 +23,17 @@ pub struct MessageDefaults {
     pub message_id_domain: Option<String>,
 }
 
+impl MessageDefaults {
+    /// The defaults `[smtp]` gives (`smtp.from`, `smtp.message_id_domain`); both were checked
+    /// when the configuration was loaded.
+    pub fn of(smtp: &crate::config::SmtpConfig) -> Self {
+        Self {
+            from: smtp.from.as_deref().and_then(|from| from.parse().ok()),
+            message_id_domain: smtp.message_id_domain.clone(),
+        }
+    }
+}
+
 /// A message ready for the relay.
 #[derive(Debug, Clone)]
 pub struct Outgoing {

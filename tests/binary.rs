@@ -204,3 +204,76 @@ async fn config_subcommand_prints_effective_configuration_without_secrets() {
     );
     let _: toml::Value = toml::from_str(&stdout).expect("the output is TOML");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_start_an_unreachable_relay_and_an_unset_sender_are_each_said_once() {
+    let broker = Broker::new("startwarn").await;
+    let closed = free_port();
+    let mut env = testkit::process::broker_env(&broker.names);
+    env.extend([
+        ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".to_string()),
+        ("AMQP_MAILER_SMTP__PORT", closed.to_string()),
+        ("AMQP_MAILER_SMTP__TLS", "none".to_string()),
+        ("AMQP_MAILER_SMTP__CONNECT_TIMEOUT", "2s".to_string()),
+    ]);
+    let mut worker = WorkerProcess::start(&["run"], &env);
+    let unreachable = worker
+        .wait_for_log("the SMTP relay cannot be reached", WAIT)
+        .await;
+    assert!(unreachable.contains("WARN"), "{unreachable}");
+    assert!(
+        unreachable.contains(&format!("127.0.0.1:{closed}")),
+        "{unreachable}"
+    );
+    assert!(
+        unreachable.contains("--outbox"),
+        "a way to try without a relay: {unreachable}"
+    );
+    let sender = worker.wait_for_log("smtp.from is not set", WAIT).await;
+    assert!(sender.contains("WARN"), "{sender}");
+    worker.wait_for_log("consuming", WAIT).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(WAIT).await.success());
+    let log = worker.log();
+    for needle in ["the SMTP relay cannot be reached", "smtp.from is not set"] {
+        assert_eq!(
+            log.iter().filter(|l| l.contains(needle)).count(),
+            1,
+            "said once: {needle}\n{}",
+            log.join("\n")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_start_a_reachable_relay_and_a_set_sender_give_no_warning() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("startquiet").await;
+    let mut env = testkit::process::broker_env(&broker.names);
+    env.extend([
+        ("AMQP_MAILER_SMTP__HOST", "127.0.0.1".to_string()),
+        ("AMQP_MAILER_SMTP__PORT", smtp.port().to_string()),
+        ("AMQP_MAILER_SMTP__TLS", "none".to_string()),
+        ("AMQP_MAILER_SMTP__FROM", "sender@example.com".to_string()),
+    ]);
+    let mut worker = WorkerProcess::start(&["run"], &env);
+    worker.wait_for_log("consuming", WAIT).await;
+    // The start-up check is the relay's first connection; once it has come, nothing is left
+    // to warn about.
+    smtp.wait_for(WAIT, "the start-up check's connection", |s| {
+        s.sessions_total >= 1
+    })
+    .await;
+    broker
+        .publish(job("quiet-1", "ann@example.com").as_bytes())
+        .await;
+    smtp.wait_for_messages(1, WAIT).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(WAIT).await.success());
+    let log = worker.log();
+    assert!(
+        !log.iter().any(|l| l.contains("WARN")),
+        "no warning:\n{}",
+        log.join("\n")
+    );
+}

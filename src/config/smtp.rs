@@ -68,6 +68,9 @@ pub struct SmtpConfig {
     pub transport: TransportKind,
     /// The folder of `transport = "outbox"`; created if missing. Default unset.
     pub outbox_dir: Option<PathBuf>,
+    /// At start, open one TCP connection to each relay (and close it) and warn when it cannot be
+    /// made, rather than let the first job be the first to find out. Default `true`.
+    pub check_at_start: bool,
     /// Relay host name or address. Default `localhost`.
     pub host: String,
     /// Relay port. Default: 25 with `tls = "none"`, 587 with STARTTLS, 465 with `tls = "tls"`.
@@ -134,6 +137,7 @@ impl Default for SmtpConfig {
         Self {
             transport: TransportKind::Smtp,
             outbox_dir: None,
+            check_at_start: true,
             host: "localhost".into(),
             port: None,
             tls: TlsMode::Starttls,
