@@ -339,7 +339,7 @@ pub async fn apply(
             tracing::info!(
                 outcome = "delivered",
                 relay = %delivered.relay,
-                relay_reply = delivered.reply.as_deref().unwrap_or(""),
+                relay_reply = delivered.reply.as_deref(),
                 queue_id,
                 enhanced_code,
                 "delivered"
@@ -398,7 +398,7 @@ pub async fn apply(
                     delivered = delivered.recipients,
                     refused_for_good = republishes.refused(true),
                     refused_for_now = republishes.refused(false),
-                    relay_reply = delivered.reply.as_deref().unwrap_or(""),
+                    relay_reply = delivered.reply.as_deref(),
                     queue_id,
                     enhanced_code,
                     "delivered to some recipients; the refused ones are handled on their own"
@@ -410,32 +410,26 @@ pub async fn apply(
     }
 }
 
-/// The relay's queue id and the enhanced status code of its reply, for the log (empty when
-/// the reply has none).
-fn reply_facts(reply: Option<&str>) -> (String, String) {
+/// The relay's queue id and the enhanced status code of its reply, for the log (`None`, which
+/// leaves the field out of the line, when the reply has none).
+fn reply_facts(reply: Option<&str>) -> (Option<String>, Option<String>) {
     let Some(reply) = reply else {
-        return (String::new(), String::new());
+        return (None, None);
     };
     (
-        receipt::queue_id(reply).unwrap_or_default(),
-        receipt::coded(reply)
-            .1
-            .map(|code| code.to_string())
-            .unwrap_or_default(),
+        receipt::queue_id(reply),
+        receipt::coded(reply).1.map(|code| code.to_string()),
     )
 }
 
 /// The enhanced status code of the reply a failure records, found after its basic code (the
 /// error may start with the recipient it is about).
-fn enhanced_code(failure: &FailureHeaders) -> String {
-    let Some(code) = failure.smtp_code else {
-        return String::new();
-    };
+fn enhanced_code(failure: &FailureHeaders) -> Option<String> {
+    let code = failure.smtp_code?;
     let text = &failure.last_error;
     text.find(&format!("{code} "))
         .and_then(|at| EnhancedCode::parse(code, &text[at + 4..]))
         .map(|code| code.to_string())
-        .unwrap_or_default()
 }
 
 /// How a delivery that got as far as its ack ended: as planned, unless neither its receipt was
@@ -483,7 +477,8 @@ async fn publish(
         );
         return Err(publish_error);
     }
-    let recipients = failure.recipients.as_deref().unwrap_or("");
+    // Fields without a value are left out of the line (tracing records no `None`).
+    let recipients = failure.recipients.as_deref();
     let enhanced_code = enhanced_code(failure);
     match republish.to {
         Target::Retry(delay) => {
