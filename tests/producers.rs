@@ -173,6 +173,8 @@ async fn shell_example_is_delivered() {
             ("AMQP_MAILER_AMQP__URL", amqp_url()),
             ("AMQP_MAILER_AMQP__EXCHANGE", names.exchange.clone()),
             ("AMQP_MAILER_AMQP__ROUTING_KEY", names.routing_key.clone()),
+            // The worker's sender, as the script shares the worker's configuration.
+            ("AMQP_MAILER_SMTP__FROM", "sender@example.com".into()),
         ],
     )
     .await;

@@ -11,6 +11,7 @@ use super::{ToolError, connect};
 use crate::amqp::{self, Publisher};
 use crate::config::Config;
 use crate::job;
+use crate::message::{self, MessageDefaults};
 
 /// The flags of `amqp-mailer publish`: a job field by field, or `--file` instead.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -41,8 +42,7 @@ pub struct PublishArgs {
     #[arg(long = "reply-to")]
     pub reply_to: Vec<String>,
     /// Subject line; empty when absent.
-    // `--help` has never shown a line for --subject; the refactor keeps every help text.
-    #[arg(long, help = None::<&str>)]
+    #[arg(long)]
     pub subject: Option<String>,
     /// Plain-text body.
     #[arg(long)]
@@ -69,14 +69,25 @@ pub async fn run(config: &Config, args: PublishArgs) -> Result<(), ToolError> {
 pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolError> {
     let (id, body) = build(args)?;
     // The worker would dead-letter an invalid job; better to say so here and publish nothing.
-    job::decode(&body, &config.job_limits()).map_err(|e| ToolError::InvalidJob(e.to_string()))?;
+    // Decoded and built as the worker does, with the same configuration: a job without `from`
+    // is refused when smtp.from is unset.
+    let job = job::decode(&body, &config.job_limits())
+        .map_err(|e| ToolError::InvalidJob(e.to_string()))?;
+    message::build(&job, &body, &MessageDefaults::of(&config.smtp)).map_err(|e| {
+        let hint = if job.from.is_none() && config.smtp.from.is_none() {
+            " (give --from, or set smtp.from as the worker has it)"
+        } else {
+            ""
+        };
+        ToolError::InvalidJob(format!("{e}{hint}"))
+    })?;
 
     let connection = connect(config, "publish-cli").await?;
     let publisher = Publisher::new(config.amqp.publish_timeout);
     publisher
         .attach(&connection)
         .await
-        .map_err(|e| ToolError::Broker(e.to_string()))?;
+        .map_err(|e| ToolError::Broker(not_found_hint(e.to_string(), config)))?;
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_message_id(id.as_str().into())
@@ -102,9 +113,23 @@ pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolE
              that it declares its queues",
             config.amqp.exchange, config.amqp.routing_key
         )),
-        other => ToolError::Broker(other.to_string()),
+        other => ToolError::Broker(not_found_hint(other.to_string(), config)),
     })?;
     Ok(id)
+}
+
+/// The broker's `NOT_FOUND - no exchange` with what to do about it: the worker declares the
+/// exchange and its queues when it starts.
+fn not_found_hint(error: String, config: &Config) -> String {
+    if error.contains("NOT_FOUND") && error.contains("no exchange") {
+        format!(
+            "{error}. The worker declares the exchange '{}' and its queues when it starts: start \
+             `amqp-mailer run` once with the same [amqp] settings, then publish",
+            config.amqp.exchange
+        )
+    } else {
+        error
+    }
 }
 
 /// The job's id and bytes. A job without an id gets one, so that it can be followed and its
