@@ -18,6 +18,17 @@ async fn declare(broker: &Broker) {
     worker.stop().await.expect("clean stop");
 }
 
+/// The tools' environment: the test's queues, and the sender the in-process worker has
+/// (`test_config`), as a producer shares the worker's configuration.
+fn tool_env(broker: &Broker) -> Vec<(&'static str, String)> {
+    let mut env = broker_env(&broker.names);
+    env.push((
+        "AMQP_MAILER_SMTP__FROM",
+        "Test Sender <sender@example.com>".into(),
+    ));
+    env
+}
+
 /// A dead letter as the worker would write it.
 async fn put_dead_letter(broker: &Broker, id: &str, kind: &str, failed_at: &str) {
     let mut headers = FieldTable::default();
@@ -51,7 +62,7 @@ async fn publish_from_flags_file_and_stdin_is_delivered() {
     let smtp = SmtpServer::start();
     let broker = Broker::new("clipublish").await;
     let worker = RunningWorker::start(&broker, test_config(&broker, smtp.port())).await;
-    let env = broker_env(&broker.names);
+    let env = tool_env(&broker);
     let dir = std::env::temp_dir().join(format!("amqp-mailer-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let attachment = dir.join("report.csv");
@@ -147,7 +158,7 @@ async fn publish_from_flags_file_and_stdin_is_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
     let broker = Broker::new("clirefuse").await;
-    let env = broker_env(&broker.names);
+    let env = tool_env(&broker);
     // Nothing declared yet: the exchange does not exist or routes nowhere.
     let (status, _, stderr) = run_to_end(
         &[
@@ -163,7 +174,12 @@ async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
     )
     .await;
     assert_eq!(status.code(), Some(69), "{stderr}");
-    assert!(stderr.contains("broker"), "{stderr}");
+    assert!(stderr.contains("NOT_FOUND - no exchange"), "{stderr}");
+    assert!(
+        stderr.contains("The worker declares the exchange")
+            && stderr.contains("start `amqp-mailer run` once"),
+        "the hint: {stderr}"
+    );
 
     declare(&broker).await;
     let (status, _, stderr) = run_to_end(&["publish", "--subject", "s", "--text", "t"], &env).await;
@@ -184,6 +200,25 @@ async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
     .await;
     assert_eq!(status.code(), Some(65), "{stderr}");
     assert!(stderr.contains("to[0]"), "{stderr}");
+    // Without smtp.from, a job without `from` is one the worker would dead-letter.
+    let (status, _, stderr) = run_to_end(
+        &[
+            "publish",
+            "--to",
+            "a@example.com",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+        ],
+        &broker_env(&broker.names),
+    )
+    .await;
+    assert_eq!(status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains("from") && stderr.contains("give --from, or set smtp.from"),
+        "{stderr}"
+    );
     assert_eq!(
         broker.ready_count(&broker.names.queue).await,
         0,
@@ -212,11 +247,12 @@ async fn dead_letters_list_shows_them_filters_them_and_removes_nothing() {
     }
     worker.stop().await.expect("clean stop");
     put_dead_letter(&broker, "old-1", "exhausted", "2020-01-01T00:00:00.000Z").await;
-    let env = broker_env(&broker.names);
+    let env = tool_env(&broker);
 
     let (status, stdout, stderr) = run_to_end(&["dead-letters", "list"], &env).await;
     assert!(status.success(), "{stderr}");
     assert!(stdout.starts_with("ID"), "a table: {stdout}");
+    assert!(stderr.contains("3 dead letters in"), "{stderr}");
     assert_eq!(stdout.lines().count(), 4, "header and three rows: {stdout}");
     assert!(
         stdout.contains("gone-1") && stdout.contains("rejected") && stdout.contains("550"),
@@ -252,8 +288,35 @@ async fn dead_letters_list_shows_them_filters_them_and_removes_nothing() {
         .find(|l| l["id"] == "gone-1")
         .expect("gone-1");
     assert_eq!(gone["kind"], "rejected");
-    assert_eq!(gone["attempts"], "1");
-    assert_eq!(gone["smtp_code"], "550");
+    assert_eq!(gone["attempts"], 1, "a number: {gone}");
+    assert_eq!(gone["smtp_code"], 550, "a number: {gone}");
+    assert_eq!(
+        gone["recipients"], "gone@example.com",
+        "the refused recipient"
+    );
+    let invalid = letters
+        .iter()
+        .find(|l| l["kind"] == "invalid")
+        .expect("the invalid job");
+    assert_eq!(
+        invalid["recipients"],
+        serde_json::Value::Null,
+        "dead-lettered whole"
+    );
+    assert_eq!(invalid["smtp_code"], serde_json::Value::Null);
+
+    // A part is never counted as the whole, and a kind that does not exist is refused.
+    let (status, stdout, stderr) =
+        run_to_end(&["dead-letters", "list", "--limit", "2"], &env).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(rows(&stdout), 2, "{stdout}");
+    assert!(
+        stderr.contains("2 shown of 3 dead letters") && stderr.contains("--limit 2 reached"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = run_to_end(&["dead-letters", "list", "--kind", "bogus"], &env).await;
+    assert_eq!(status.code(), Some(64), "a usage error: {stderr}");
+    assert!(stderr.contains("`bogus` is not an error kind"), "{stderr}");
 
     // Listing five times removed nothing and kept the order.
     let listed_kinds: Vec<String> = letters
@@ -279,7 +342,7 @@ async fn replay_moves_matching_dead_letters_back_with_a_fresh_attempt_count() {
     put_dead_letter(&broker, "r-1", "exhausted", &now).await;
     put_dead_letter(&broker, "r-2", "rejected", &now).await;
     put_dead_letter(&broker, "r-3", "exhausted", &now).await;
-    let env = broker_env(&broker.names);
+    let env = tool_env(&broker);
 
     let (status, stdout, stderr) = run_to_end(
         &["dead-letters", "replay", "--kind", "exhausted", "--dry-run"],
@@ -344,7 +407,7 @@ async fn replay_killed_half_way_loses_nothing_and_duplicates_nothing() {
     }
     let mut replay = WorkerProcess::start(
         &["dead-letters", "replay", "--rate", "40"],
-        &broker_env(&broker.names),
+        &tool_env(&broker),
     );
     // stdout carries one "replayed <id>" line per job; the log helper reads stderr, so wait on
     // the broker instead: the work queue fills as jobs are moved.
@@ -485,7 +548,7 @@ async fn the_tools_use_the_broker_list_and_never_print_its_passwords() {
     declare(&broker).await;
     let nowhere = format!("amqp://guest:nopass1@127.0.0.1:{}/%2f", free_port());
     let list = format!("{nowhere},{}", testkit::broker::amqp_url());
-    let mut env = broker_env(&broker.names);
+    let mut env = tool_env(&broker);
     env.retain(|(k, _)| *k != "AMQP_MAILER_AMQP__URL");
     env.push(("AMQP_MAILER_AMQP__URL", list));
     let (status, stdout, stderr) = run_to_end(

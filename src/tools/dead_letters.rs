@@ -64,7 +64,7 @@ pub struct ReplayArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Filter {
     /// `error-kind` values to match; empty matches all.
-    #[arg(long = "kind", value_name = "KIND", help = kind_help())]
+    #[arg(long = "kind", value_name = "KIND", help = kind_help(), value_parser = known_kind)]
     pub kinds: Vec<String>,
     /// Only those that failed at least this long ago, e.g. 1h.
     #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
@@ -108,6 +108,23 @@ fn kind_help() -> String {
     )
 }
 
+/// A `--kind` value: one of [`ErrorKind::ALL`], or `broker:REASON`. Anything else would
+/// silently match nothing.
+fn known_kind(text: &str) -> Result<String, String> {
+    let known = ErrorKind::ALL.iter().any(|kind| kind.as_str() == text);
+    match text.strip_prefix("broker:") {
+        Some(reason) if !reason.is_empty() => Ok(text.to_string()),
+        _ if known => Ok(text.to_string()),
+        _ => {
+            let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|kind| kind.as_str()).collect();
+            Err(format!(
+                "`{text}` is not an error kind; one of {}, or broker:REASON",
+                kinds.join(", ")
+            ))
+        }
+    }
+}
+
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
@@ -127,11 +144,13 @@ pub struct DeadLetter {
     /// `last-error`: why, in words, the SMTP reply included.
     pub reason: Option<String>,
     /// `attempt`: attempts made.
-    pub attempts: Option<String>,
+    pub attempts: Option<u32>,
     /// `smtp-code`: the relay's last reply code.
-    pub smtp_code: Option<String>,
+    pub smtp_code: Option<u16>,
     /// `failed-at` (RFC 3339).
     pub failed_at: Option<String>,
+    /// `recipients`: the recipients the relay refused, for whom the job was dead-lettered.
+    pub recipients: Option<String>,
     /// Size of the body.
     pub bytes: usize,
 }
@@ -157,9 +176,11 @@ impl DeadLetter {
             id,
             kind,
             reason: header_text(properties, amqp::headers::LAST_ERROR),
-            attempts: header_text(properties, amqp::headers::ATTEMPT),
-            smtp_code: header_text(properties, amqp::headers::SMTP_CODE),
+            attempts: header_text(properties, amqp::headers::ATTEMPT).and_then(|a| a.parse().ok()),
+            smtp_code: header_text(properties, amqp::headers::SMTP_CODE)
+                .and_then(|c| c.parse().ok()),
             failed_at: header_text(properties, amqp::headers::FAILED_AT),
+            recipients: header_text(properties, amqp::headers::RECIPIENTS),
             bytes: delivery.data.len(),
         }
     }
@@ -203,7 +224,7 @@ impl DeadLetter {
 pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
     match command {
         Command::List(args) => {
-            let letters = list(config, &args.filter).await?;
+            let (letters, listed) = list(config, &args.filter).await?;
             if args.json {
                 for letter in &letters {
                     println!(
@@ -212,13 +233,15 @@ pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
                     );
                 }
             } else {
-                print_table(&letters);
+                print!("{}", table(&letters));
             }
+            eprintln!("{}", listed.summary(letters.len(), &args.filter, config));
             Ok(())
         }
         Command::Replay(args) if args.dry_run => {
-            let letters = list(config, &args.filter).await?;
-            print_table(&letters);
+            let (letters, listed) = list(config, &args.filter).await?;
+            print!("{}", table(&letters));
+            eprintln!("{}", listed.summary(letters.len(), &args.filter, config));
             eprintln!("dry run: {} would be replayed", letters.len());
             Ok(())
         }
@@ -236,37 +259,83 @@ pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
     }
 }
 
-/// The table on standard output, its row count on standard error (so that a pipe gets rows only).
-fn print_table(letters: &[DeadLetter]) {
-    print!("{}", table(letters));
-    eprintln!("{} dead letters", letters.len());
+/// What a listing looked at: for the count line on standard error.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listed {
+    /// Messages in the dead-letter queue when the listing started.
+    pub in_queue: u32,
+    /// Dead letters read, matching or not.
+    pub looked_at: usize,
+}
+
+impl Listed {
+    /// `3 dead letters`, or `5 shown of 503 dead letters in 'email.dead' (--limit 5 reached)`:
+    /// never a count that looks like the whole when it is not.
+    fn summary(&self, shown: usize, filter: &Filter, config: &Config) -> String {
+        let queue = &config.amqp.dead_letter_queue;
+        let mut text = if shown == self.in_queue as usize {
+            format!("{shown} dead letters in '{queue}'")
+        } else {
+            format!(
+                "{shown} shown of {} dead letters in '{queue}'",
+                self.in_queue
+            )
+        };
+        if shown >= filter.limit {
+            text.push_str(&format!(" (--limit {} reached)", filter.limit));
+        } else if self.looked_at < self.in_queue as usize {
+            text.push_str(&format!(
+                " ({} looked at; --scan {} bounds it)",
+                self.looked_at, filter.scan
+            ));
+        }
+        text
+    }
 }
 
 /// Longest reason shown in a row: enough for an SMTP reply, short enough for a terminal.
 const REASON_CHARS: usize = 100;
+/// Longest recipient list shown in a row.
+const RECIPIENTS_CHARS: usize = 40;
 
-/// One header line and one line per dead letter; a missing value is `-`, and a reason is cut to
-/// [`REASON_CHARS`] characters on one line.
+/// `text` on one line, cut to `max` characters with `…` as the last one when it was longer.
+fn cut(text: &str, max: usize) -> String {
+    let one_line = text.replace(['\r', '\n'], " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// One header line and one line per dead letter; a missing value is `-`; reasons and recipient
+/// lists are cut to [`REASON_CHARS`] and [`RECIPIENTS_CHARS`] characters on one line, marked
+/// with `…` where cut. RECIPIENTS is `-` for a job dead-lettered before any recipient was
+/// refused (invalid, expired, exhausted by failures of the whole transaction).
 fn table(letters: &[DeadLetter]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    let number = |n: Option<u32>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
-        "{:<36} {:<10} {:>8} {:<24} REASON",
-        "ID", "KIND", "ATTEMPTS", "FAILED AT"
+        "{:<36} {:<10} {:>8} {:<24} {:<RECIPIENTS_CHARS$} REASON",
+        "ID", "KIND", "ATTEMPTS", "FAILED AT", "RECIPIENTS"
     );
     for letter in letters {
-        let reason = letter.reason.as_deref().unwrap_or("-");
-        let reason: String = reason.chars().take(REASON_CHARS).collect();
         let _ = writeln!(
             out,
-            "{:<36} {:<10} {:>8} {:<24} {}",
+            "{:<36} {:<10} {:>8} {:<24} {:<RECIPIENTS_CHARS$} {}",
             letter.id.as_deref().unwrap_or("-"),
             letter.kind.as_deref().unwrap_or("-"),
-            letter.attempts.as_deref().unwrap_or("-"),
+            number(letter.attempts),
             letter.failed_at.as_deref().unwrap_or("-"),
-            reason.replace(['\r', '\n'], " ")
+            cut(
+                letter.recipients.as_deref().unwrap_or("-"),
+                RECIPIENTS_CHARS
+            ),
+            cut(letter.reason.as_deref().unwrap_or("-"), REASON_CHARS),
         );
     }
     out
@@ -274,16 +343,24 @@ fn table(letters: &[DeadLetter]) -> String {
 
 /// Lists up to `filter.limit` dead letters matching `filter`, looking at most at `filter.scan` of
 /// them. Removes nothing.
-pub async fn list(config: &Config, filter: &Filter) -> Result<Vec<DeadLetter>, ToolError> {
+pub async fn list(
+    config: &Config,
+    filter: &Filter,
+) -> Result<(Vec<DeadLetter>, Listed), ToolError> {
     let connection = connect(config, "dead-letters-list").await?;
     let result = async {
         let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
+        let mut listed = Listed {
+            in_queue: reader.in_queue,
+            looked_at: 0,
+        };
         let now = SystemTime::now();
         let mut found = Vec::new();
         while found.len() < filter.limit {
             let Some(delivery) = reader.next().await? else {
                 break;
             };
+            listed.looked_at += 1;
             let letter = DeadLetter::from_delivery(&delivery);
             if letter.matches(filter, now) {
                 found.push(letter);
@@ -291,7 +368,7 @@ pub async fn list(config: &Config, filter: &Filter) -> Result<Vec<DeadLetter>, T
         }
         // Closing the channel hands every delivery back, in order, unacked.
         let _ = channel.close(200, "listed".into()).await;
-        Ok(found)
+        Ok((found, listed))
     };
     let result = result.await;
     let _ = connection.close(200, "bye".into()).await;
@@ -380,6 +457,8 @@ pub async fn replay(
 struct Reader {
     consumer: lapin::Consumer,
     remaining: u32,
+    /// Messages in the queue when it opened.
+    in_queue: u32,
 }
 
 impl Reader {
@@ -408,7 +487,8 @@ impl Reader {
                     "no dead-letter queue '{queue}' (has the worker run?): {e}"
                 ))
             })?;
-        let remaining = declared.message_count().min(u32::from(scan));
+        let in_queue = declared.message_count();
+        let remaining = in_queue.min(u32::from(scan));
         // Unlimited would let a huge queue flood memory; `scan` bounds what is held at once.
         channel
             .basic_qos(scan.max(1), BasicQosOptions { global: false })
@@ -428,6 +508,7 @@ impl Reader {
             Reader {
                 consumer,
                 remaining,
+                in_queue,
             },
         ))
     }
@@ -461,6 +542,7 @@ mod tests {
             attempts: None,
             smtp_code: None,
             failed_at: Some(amqp::rfc3339(failed_at)),
+            recipients: None,
             bytes: 0,
         }
     }
@@ -520,7 +602,8 @@ mod tests {
     fn table_has_a_header_a_row_each_and_one_line_reasons() {
         let mut long = letter("rejected", SystemTime::now());
         long.reason = Some(format!("550 5.1.1 no\r\nsuch user {}", "x".repeat(200)));
-        long.attempts = Some("3".into());
+        long.attempts = Some(3);
+        long.recipients = Some("gone@example.com".into());
         let mut bare = letter("invalid", SystemTime::now());
         bare.id = None;
         bare.kind = None;
@@ -529,15 +612,63 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(
-            lines[0].starts_with("ID ") && lines[0].ends_with(" REASON"),
+            lines[0].starts_with("ID ")
+                && lines[0].contains(" RECIPIENTS ")
+                && lines[0].ends_with(" REASON"),
             "{text}"
         );
         let reason = lines[1].split_once("550").expect("reason").1;
         assert_eq!(reason.chars().count() + 3, REASON_CHARS, "cut: {text}");
+        assert!(reason.ends_with('…'), "a cut reason is marked: {text}");
+        assert!(lines[1].contains(" gone@example.com "), "{text}");
         assert!(lines[1].contains("550 5.1.1 no  such user"), "{text}");
         assert!(lines[1].contains("rejected"), "{text}");
         assert!(lines[2].starts_with("- "), "{text}");
         assert!(lines[2].trim_end().ends_with('-'), "{text}");
+    }
+
+    #[test]
+    fn a_reason_that_fits_is_not_marked() {
+        assert_eq!(cut("550 no such user", REASON_CHARS), "550 no such user");
+        let exact = "x".repeat(REASON_CHARS);
+        assert_eq!(cut(&exact, REASON_CHARS), exact);
+    }
+
+    #[test]
+    fn kind_flags_are_checked() {
+        assert!(known_kind("rejected").is_ok());
+        assert!(known_kind("broker:delivery_limit").is_ok());
+        let bogus = known_kind("bogus").expect_err("unknown");
+        assert!(
+            bogus.contains("expired") && bogus.contains("broker:REASON"),
+            "{bogus}"
+        );
+        assert!(known_kind("broker:").is_err());
+    }
+
+    #[test]
+    fn the_count_line_never_passes_a_part_for_the_whole() {
+        let config = Config::default();
+        let limited = Filter {
+            limit: 5,
+            ..Filter::default()
+        };
+        let listed = Listed {
+            in_queue: 503,
+            looked_at: 5,
+        };
+        assert_eq!(
+            listed.summary(5, &limited, &config),
+            "5 shown of 503 dead letters in 'email.dead' (--limit 5 reached)"
+        );
+        let all = Listed {
+            in_queue: 3,
+            looked_at: 3,
+        };
+        assert_eq!(
+            all.summary(3, &Filter::default(), &config),
+            "3 dead letters in 'email.dead'"
+        );
     }
 
     #[test]
