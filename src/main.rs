@@ -12,6 +12,7 @@ use amqp_mailer::telemetry;
 use amqp_mailer::tools::events::{self, EventsArgs};
 use amqp_mailer::tools::health::{self, HealthArgs};
 use amqp_mailer::tools::publish::{self, PublishArgs};
+use amqp_mailer::tools::status::{self, StatusArgs};
 use amqp_mailer::tools::{ToolError, dead_letters};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +55,9 @@ enum Command {
     Config,
     /// Ask a running worker whether it is ready (GET /readyz); exit 0 if so, 1 if not.
     Health(HealthArgs),
+    /// The queues at a glance: ready jobs and consumers of the work queue, each retry tier, the
+    /// dead letters, and the worker's readiness (with http.listen); exit 1 when nothing consumes.
+    Status(StatusArgs),
     /// Print receipts as they arrive on the events exchange (filters by outcome and job id).
     Events(EventsArgs),
     /// Print the DNS TXT record to publish for each DKIM key (`[[dkim]]`), as zone file lines.
@@ -76,7 +80,18 @@ struct DkimRecordArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and succeed; a usage error exits 64, as the README says.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let command = cli.command.unwrap_or(Command::Run(RunArgs::default()));
     // Flags that stand for configuration keys, applied over the environment.
     let mut overrides = Vec::new();
@@ -114,6 +129,7 @@ fn main() -> ExitCode {
         Command::DeadLetters(command) => tool(dead_letters::run(&config, command)),
         Command::Health(args) => tool(health::run(&config, args)),
         Command::Events(args) => tool(events::run(&config, args)),
+        Command::Status(args) => tool(status::run(&config, args)),
         Command::DkimRecord(args) => dkim_record(&config, args.domain.as_deref()),
     }
 }

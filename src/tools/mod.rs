@@ -1,4 +1,4 @@
-//! The command-line tools beside the worker: publish, dead letters, health, events.
+//! The command-line tools beside the worker: publish, dead letters, health, events, status.
 //!
 //! Each tool owns its flags (a struct deriving clap's `Args`, which the binary mounts as a
 //! subcommand), what it prints, and its exit status through [`ToolError`]; `main.rs` only
@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod events;
 pub mod health;
 pub mod publish;
+pub mod status;
 
 /// Why a tool failed; each kind has its own exit status.
 #[derive(Debug, thiserror::Error)]
