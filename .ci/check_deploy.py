@@ -157,8 +157,11 @@ def check_compose(keys, grace, binary):
     check(env.get("AMQP_MAILER_SMTP__HOST") == "mailpit", f"{path.name}: amqp-mailer: smtp host is not mailpit")
     published = {str(p).split(":")[-2] if str(p).count(":") else str(p)
                  for s in services.values() for p in s.get("ports") or []}
-    for port in ("5672", "15672", "1025", "8025"):
+    for port in ("15673", "8025"):
         check(port in published, f"{path.name}: port {port} is not published")
+    # The README's "Run it" assumes the host's own RabbitMQ on 5672 (and a catcher may hold 1025).
+    for port in ("5672", "15672", "1025"):
+        check(port not in published, f"{path.name}: host port {port} is published; it clashes with a local broker or catcher")
     if binary:
         run_binary(binary, [], env, f"{path.name}: amqp-mailer's environment")
 
@@ -180,8 +183,10 @@ def pod_templates(doc):
 def check_kubernetes(keys, grace, binary):
     files = sorted((ROOT / "deploy/kubernetes").glob("*.y*ml"))
     check(files, "deploy/kubernetes: no YAML files")
+    example_secret = ROOT / "deploy/kubernetes-secret.example.yaml"
+    check(example_secret.is_file(), f"{example_secret.relative_to(ROOT)} is missing")
     docs = []
-    for path in files:
+    for path in files + [example_secret]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is None:
                 continue
@@ -189,6 +194,9 @@ def check_kubernetes(keys, grace, binary):
             for field in ("apiVersion", "kind", "metadata"):
                 check(field in doc, f"{where}: no {field}")
             docs.append((where, doc))
+            # `kubectl apply -f deploy/kubernetes/` must never overwrite a real Secret.
+            check(doc.get("kind") != "Secret" or path == example_secret,
+                  f"{where}: a Secret under deploy/kubernetes/ would replace the real one on apply")
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for _, d in docs if d.get("kind") == "ConfigMap"}
     secrets = {d["metadata"]["name"]: {**(d.get("stringData") or {}), **(d.get("data") or {})}
                for _, d in docs if d.get("kind") == "Secret"}
@@ -344,6 +352,14 @@ def check_unit(grace):
           f"{path.name}: ExecStart is not `amqp-mailer --config FILE run`")
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
         check(settings.get(key) == [""], f"{path.name}: {key}= is not empty")
+    # A first start with the example configuration (no smtp.username) must work: the password
+    # credential is a drop-in, installed with AUTH only.
+    check("LoadCredential" not in settings,
+          f"{path.name}: LoadCredential= in the unit fails a start without the password file")
+    dropin = ROOT / "deploy/amqp-mailer.service.d/smtp-password.conf"
+    text = dropin.read_text() if dropin.is_file() else ""
+    check("LoadCredential=smtp-password:" in text and "AMQP_MAILER_SMTP__PASSWORD_FILE=%d/smtp-password" in text,
+          f"{dropin.relative_to(ROOT)}: no LoadCredential= and PASSWORD_FILE for the SMTP password")
 
 
 def main():
