@@ -1,5 +1,5 @@
 //! The command-line tools, run as the real binary against the real broker: publish, dead-letters
-//! list and replay (including a replay killed half-way), health, and --help everywhere.
+//! list, show, replay and purge (each killed half-way), health, and --help everywhere.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -575,4 +575,300 @@ async fn the_tools_use_the_broker_list_and_never_print_its_passwords() {
         "both URLs, redacted: {printed}"
     );
     assert_eq!(printed.matches(":***@").count(), 2, "{printed}");
+}
+
+/// The job ids in `broker`'s dead-letter queue, read and removed (at the end of a test).
+async fn take_dead_ids(broker: &Broker) -> Vec<String> {
+    let mut dead = broker.reader(&broker.names.dead).await;
+    dead.drain(Duration::from_millis(500))
+        .await
+        .iter()
+        .map(|d| {
+            let body: serde_json::Value = serde_json::from_slice(&d.data).expect("a job");
+            body["id"].as_str().expect("an id").to_string()
+        })
+        .collect()
+}
+
+/// `show` gives one dead letter whole: the failure history and the relay's reply from the
+/// headers, what the worker would make of the job today, and the job with its long strings
+/// elided; a body that is not JSON shown as text; an unknown id exits 1. Nothing is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_show_prints_one_dead_letter_whole_with_long_bodies_elided() {
+    let broker = Broker::new("clishow").await;
+    declare(&broker).await;
+    let now = now_rfc3339();
+    put_dead_letter(&broker, "other", "exhausted", &now).await;
+    let long = serde_json::json!({
+        "id": "show-1",
+        "to": ["ann@example.com"],
+        "subject": "A long one",
+        "text": "x".repeat(5000),
+    });
+    let mut headers = FieldTable::default();
+    for (key, value) in [
+        ("error-kind", "rejected"),
+        (
+            "last-error",
+            "552 5.3.4 message size exceeds limit (after DATA)",
+        ),
+        ("failed-at", now.as_str()),
+        ("first-failed-at", "2026-12-01T10:00:00.000Z"),
+        ("recipients", "ann@example.com"),
+    ] {
+        headers.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+    headers.insert("attempt".into(), AMQPValue::LongInt(2));
+    headers.insert("smtp-code".into(), AMQPValue::LongInt(552));
+    broker
+        .publish_to_queue(
+            &broker.names.dead,
+            long.to_string().as_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    let mut invalid = FieldTable::default();
+    invalid.insert("error-kind".into(), AMQPValue::LongString("invalid".into()));
+    broker
+        .publish_to_queue(
+            &broker.names.dead,
+            b"{not json",
+            BasicProperties::default()
+                .with_message_id("raw-1".into())
+                .with_headers(invalid),
+        )
+        .await;
+    let env = tool_env(&broker);
+
+    let (status, stdout, stderr) = run_to_end(&["dead-letters", "show", "show-1"], &env).await;
+    assert!(status.success(), "{stderr}");
+    for line in [
+        "id               show-1",
+        "kind             rejected",
+        "attempts         2",
+        "first failed at  2026-12-01T10:00:00.000Z",
+        "relay reply      552",
+        "recipients       ann@example.com",
+        "reason           552 5.3.4 message size exceeds limit (after DATA)",
+        "today            the worker would take this job",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in:\n{stdout}");
+    }
+    assert!(stdout.contains("  last-error: 552 5.3.4"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("\"{}… (3000 more characters)\"", "x".repeat(2000))),
+        "the body elided past 2000 characters: {stdout}"
+    );
+    assert!(!stdout.contains(&"x".repeat(2001)), "{stdout}");
+    assert!(stdout.contains("\"subject\": \"A long one\""), "{stdout}");
+
+    let (status, stdout, stderr) = run_to_end(
+        &[
+            "dead-letters",
+            "show",
+            "show-1",
+            "--json",
+            "--body-limit",
+            "10",
+        ],
+        &env,
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(doc["letter"]["attempts"], 2);
+    assert_eq!(doc["letter"]["smtp_code"], 552);
+    assert_eq!(
+        doc["headers"]["first-failed-at"],
+        "2026-12-01T10:00:00.000Z"
+    );
+    assert_eq!(
+        doc["job"]["text"],
+        format!("{}… (4990 more characters)", "x".repeat(10))
+    );
+    assert!(doc["invalid"].is_null(), "{stdout}");
+
+    let (status, stdout, stderr) = run_to_end(&["dead-letters", "show", "raw-1"], &env).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("(not JSON) {not json"), "{stdout}");
+    assert!(
+        stdout.contains("today            the worker would refuse it: "),
+        "{stdout}"
+    );
+
+    let (status, _, stderr) = run_to_end(&["dead-letters", "show", "nobody"], &env).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no dead letter with id 'nobody' among the 3 looked at"),
+        "{stderr}"
+    );
+    assert_eq!(
+        broker.ready_count(&broker.names.dead).await,
+        3,
+        "show removes nothing"
+    );
+}
+
+/// Under script(1), on a pseudo-terminal as an operator's shell gives it, with `answer` typed.
+async fn on_a_terminal(
+    args: &str,
+    env: &[(&'static str, String)],
+    answer: &str,
+) -> (std::process::ExitStatus, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut command = tokio::process::Command::new("script");
+    command
+        .args(["-qec"])
+        .arg(format!("{} {args}", testkit::process::binary().display()))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    testkit::process::without_worker_env(&mut command);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("script(1) from util-linux");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(answer.as_bytes()).await.expect("type");
+    // Kept open until the end: an early end of input would end the session before the prompt.
+    let output = tokio::time::timeout(WAIT, child.wait_with_output());
+    let output = output.await.expect("finished in time").expect("script");
+    drop(stdin);
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// `purge` removes what matches and only that: without a terminal it wants `--yes`, on a
+/// terminal it asks and takes no for an answer, `--dry-run` removes nothing, and a terminal
+/// shows the progress bar with the count done and left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_purge_asks_first_and_removes_only_what_matches() {
+    let broker = Broker::new("clipurge").await;
+    declare(&broker).await;
+    let now = now_rfc3339();
+    for i in 0..3 {
+        put_dead_letter(&broker, &format!("rej-{i}"), "rejected", &now).await;
+        put_dead_letter(&broker, &format!("exh-{i}"), "exhausted", &now).await;
+    }
+    let env = tool_env(&broker);
+    let dead = || broker.ready_count(&broker.names.dead);
+
+    let (status, _, stderr) =
+        run_to_end(&["dead-letters", "purge", "--kind", "rejected"], &env).await;
+    assert_eq!(status.code(), Some(64), "no terminal, no --yes: {stderr}");
+    assert!(
+        stderr.contains("purge would remove 3 dead letters") && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    assert_eq!(dead().await, 6, "nothing removed without --yes");
+
+    let (status, stdout, stderr) = run_to_end(
+        &["dead-letters", "purge", "--kind", "rejected", "--dry-run"],
+        &env,
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("dry run: 3 would be purged"), "{stderr}");
+    assert_eq!(stdout.lines().count(), 4, "a header and 3 rows: {stdout}");
+    assert_eq!(dead().await, 6, "a dry run removes nothing");
+
+    let (status, output) = on_a_terminal("dead-letters purge --kind rejected", &env, "no\n").await;
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains("Remove 3 dead letters from")
+            && output.contains("not confirmed; nothing purged"),
+        "{output}"
+    );
+    assert_eq!(dead().await, 6, "no is no");
+
+    let (status, output) = on_a_terminal(
+        "dead-letters purge --kind rejected --rate 10",
+        &env,
+        "yes\n",
+    )
+    .await;
+    assert!(status.success(), "{output}");
+    for i in 0..3 {
+        assert!(output.contains(&format!("purged rej-{i}")), "{output}");
+    }
+    assert!(
+        output.contains("purged, 2 left, 3 in all"),
+        "the progress bar: {output}"
+    );
+    assert_eq!(dead().await, 3);
+
+    let (status, stdout, stderr) =
+        run_to_end(&["dead-letters", "purge", "--id", "exh-1", "--yes"], &env).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout, "purged exh-1\n", "no progress bar off a terminal");
+    assert!(
+        stderr.contains("purged 1 of 3 dead letters looked at"),
+        "{stderr}"
+    );
+    let mut left = take_dead_ids(&broker).await;
+    left.sort();
+    assert_eq!(left, ["exh-0", "exh-2"]);
+}
+
+/// A purge killed half-way has removed only dead letters it was asked to: every other one is
+/// still there, and each matching one is either purged (and said so) or still there, but for
+/// the one in hand at the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_killed_half_way_removes_only_what_matches() {
+    let broker = Broker::new("clipurgekill").await;
+    declare(&broker).await;
+    let now = now_rfc3339();
+    for i in 0..50 {
+        put_dead_letter(&broker, &format!("rej-{i}"), "rejected", &now).await;
+        put_dead_letter(&broker, &format!("exh-{i}"), "exhausted", &now).await;
+    }
+    let mut purge = WorkerProcess::start(
+        &[
+            "dead-letters",
+            "purge",
+            "--kind",
+            "rejected",
+            "--yes",
+            "--rate",
+            "40",
+        ],
+        &tool_env(&broker),
+    );
+    purge.wait_for_output("purged ", 15, WAIT).await;
+    purge.signal("KILL");
+    purge.wait_exit(WAIT).await;
+    let said: Vec<String> = purge
+        .output()
+        .iter()
+        .filter_map(|l| l.strip_prefix("purged ").map(str::to_string))
+        .collect();
+    let left = take_dead_ids(&broker).await;
+    for i in 0..50 {
+        let id = format!("exh-{i}");
+        assert!(left.contains(&id), "{id} was not to be purged: {left:?}");
+    }
+    let mut deduped = left.clone();
+    deduped.sort();
+    deduped.dedup();
+    assert_eq!(deduped.len(), left.len(), "nothing twice: {left:?}");
+    let rejected_left = left.iter().filter(|id| id.starts_with("rej-")).count();
+    assert!(
+        said.len() >= 15 && rejected_left > 0,
+        "the kill came half-way: {} said, {rejected_left} left",
+        said.len()
+    );
+    assert!(
+        said.iter().all(|id| !left.contains(id)),
+        "what it said it purged is gone: {said:?}"
+    );
+    assert!(
+        (49..=50).contains(&(said.len() + rejected_left)),
+        "every rejected one is purged and said so, or still there, but for the one in hand at \
+         the kill: {} said, {rejected_left} left",
+        said.len()
+    );
 }

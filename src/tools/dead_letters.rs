@@ -1,11 +1,12 @@
-//! `amqp-mailer dead-letters list|replay`: look at the dead-letter queue, and move jobs from it
-//! back to the work queue.
+//! `amqp-mailer dead-letters list|show|replay|purge`: look at the dead-letter queue, move jobs
+//! from it back to the work queue, or remove them for good.
 //!
 //! Reading never removes: deliveries are held unacked and return to the queue when the channel
 //! closes. That is not a reject-with-requeue, so on RabbitMQ 4 it does not count towards a quorum
 //! queue's delivery limit. Replay publishes each job to the work queue, waits for the broker's
 //! confirm, and only then acks it in the dead-letter queue: a crash in between leaves the job in
-//! both queues (once in each), never in neither.
+//! both queues (once in each), never in neither. Purge acks the matching ones one at a time: a
+//! crash leaves the rest where they were.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,14 +26,53 @@ const DEFAULT_LIMIT: usize = 1000;
 /// Most dead letters looked at when `--scan` is not given: they are all held unacked at once.
 const DEFAULT_SCAN: u16 = 10_000;
 
-/// `amqp-mailer dead-letters`: its two subcommands.
+/// `amqp-mailer dead-letters`: its subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
-    /// List dead letters (id, kind, attempts, when, reason). Removes nothing.
+    /// List dead letters (id, kind, attempts, when, recipients, reason). Removes nothing.
     List(ListArgs),
+    /// Print one dead letter: its failure history from the headers, the relay's reply, and the
+    /// decoded job (long bodies elided). Removes nothing.
+    Show(ShowArgs),
     /// Move matching dead letters back to the work queue with a fresh attempt count. Each is
     /// published and confirmed before it is removed.
     Replay(ReplayArgs),
+    /// Remove matching dead letters for good. Asks first on a terminal; `--yes` for scripts.
+    Purge(PurgeArgs),
+}
+
+/// The flags of `amqp-mailer dead-letters show`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShowArgs {
+    /// The job's id (as `list` shows it).
+    pub id: String,
+    /// Longest text shown of each string in the job (a body, an attachment's base64); the rest
+    /// is elided with its length.
+    #[arg(long, default_value_t = 2000)]
+    pub body_limit: usize,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Look at most at this many dead letters (they are held unacked while looked at).
+    #[arg(long, default_value_t = DEFAULT_SCAN)]
+    pub scan: u16,
+}
+
+/// The flags of `amqp-mailer dead-letters purge`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PurgeArgs {
+    /// Which dead letters.
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Most removed per second.
+    #[arg(long, default_value_t = 1000.0, value_parser = positive_rate)]
+    pub rate: f64,
+    /// Do not ask: needed when standard input is not a terminal.
+    #[arg(long)]
+    pub yes: bool,
+    /// Only list what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// The flags of `amqp-mailer dead-letters list`.
@@ -219,8 +259,8 @@ impl DeadLetter {
     }
 }
 
-/// `amqp-mailer dead-letters list|replay`: runs the subcommand and prints what it did, the
-/// table or JSON lines on standard output, counts on standard error.
+/// `amqp-mailer dead-letters …`: runs the subcommand and prints what it did, the table, JSON
+/// lines or one line per job on standard output, counts and the progress bar on standard error.
 pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
     match command {
         Command::List(args) => {
@@ -238,6 +278,18 @@ pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
             eprintln!("{}", listed.summary(letters.len(), &args.filter, config));
             Ok(())
         }
+        Command::Show(args) => {
+            let shown = show(config, &args.id, args.scan, args.body_limit).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&shown).unwrap_or_else(|e| e.to_string())
+                );
+            } else {
+                print!("{}", shown.text());
+            }
+            Ok(())
+        }
         Command::Replay(args) if args.dry_run => {
             let (letters, listed) = list(config, &args.filter).await?;
             print!("{}", table(&letters));
@@ -252,10 +304,58 @@ pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
             .await?;
             eprintln!(
                 "replayed {} of {} dead letters looked at, to '{}'",
-                report.replayed, report.looked_at, config.amqp.queue
+                report.done, report.looked_at, config.amqp.queue
             );
             Ok(())
         }
+        Command::Purge(args) if args.dry_run => {
+            let (letters, listed) = list(config, &args.filter).await?;
+            print!("{}", table(&letters));
+            eprintln!("{}", listed.summary(letters.len(), &args.filter, config));
+            eprintln!("dry run: {} would be purged", letters.len());
+            Ok(())
+        }
+        Command::Purge(args) => {
+            let queue = config.amqp.dead_letter_queue.clone();
+            let confirm = move |count: usize| confirm_purge(count, &queue, args.yes);
+            let report = purge(config, &args.filter, args.rate, confirm, |letter| {
+                println!("purged {}", letter.id.as_deref().unwrap_or("-"))
+            })
+            .await?;
+            eprintln!(
+                "purged {} of {} dead letters looked at, from '{}'",
+                report.done, report.looked_at, config.amqp.dead_letter_queue
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Whether to go on with a purge of `count` dead letters: `--yes`, or "yes" typed on a terminal.
+/// Not on a terminal and without `--yes`, a usage error: a script must say it means it.
+fn confirm_purge(count: usize, queue: &str, yes: bool) -> Result<(), ToolError> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if yes || count == 0 {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(ToolError::Usage(format!(
+            "purge would remove {count} dead letters from '{queue}' for good; give --yes to do \
+             it without a terminal to confirm on (or --dry-run to list them)"
+        )));
+    }
+    eprint!("Remove {count} dead letters from '{queue}' for good? Type yes to go on: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| ToolError::Usage(format!("cannot read the answer: {e}")))?;
+    match answer.trim() {
+        "yes" | "y" => Ok(()),
+        _ => Err(ToolError::Declined(format!(
+            "not confirmed; nothing purged from '{queue}'"
+        ))),
     }
 }
 
@@ -350,38 +450,50 @@ pub async fn list(
     let connection = connect(config, "dead-letters-list").await?;
     let result = async {
         let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
-        let mut listed = Listed {
-            in_queue: reader.in_queue,
-            looked_at: 0,
-        };
-        let now = SystemTime::now();
-        let mut found = Vec::new();
-        while found.len() < filter.limit {
-            let Some(delivery) = reader.next().await? else {
-                break;
-            };
-            listed.looked_at += 1;
-            let letter = DeadLetter::from_delivery(&delivery);
-            if letter.matches(filter, now) {
-                found.push(letter);
-            }
-        }
+        let (found, listed) = reader.matching(filter).await?;
         // Closing the channel hands every delivery back, in order, unacked.
         let _ = channel.close(200, "listed".into()).await;
-        Ok((found, listed))
+        Ok((
+            found.into_iter().map(|(_, letter)| letter).collect(),
+            listed,
+        ))
     };
     let result = result.await;
     let _ = connection.close(200, "bye".into()).await;
     result
 }
 
-/// What a replay did.
+/// What a replay or a purge did.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ReplayReport {
-    /// Moved back to the work queue and removed from the dead letters.
-    pub replayed: usize,
+pub struct Report {
+    /// Replayed (moved back to the work queue) or purged, and removed from the dead letters.
+    pub done: usize,
     /// Dead letters read, matching or not.
     pub looked_at: usize,
+}
+
+/// A progress bar on standard error with the count done and left; hidden when standard error is
+/// not a terminal, so that logs and pipes get the per-job lines only.
+fn progress(len: usize, verb: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    // The template is a constant: it parses.
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos} {msg}, {len} in all ({eta} left)")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("{verb}, {len} left"));
+    bar
+}
+
+/// One step of a progress bar: `pos` done, the rest left.
+fn advance(bar: &indicatif::ProgressBar, verb: &str) {
+    bar.inc(1);
+    let left = bar.length().unwrap_or(0).saturating_sub(bar.position());
+    bar.set_message(format!("{verb}, {left} left"));
 }
 
 /// Moves up to `filter.limit` matching dead letters (looking at most at `filter.scan`) back to the
@@ -392,7 +504,7 @@ pub async fn replay(
     filter: &Filter,
     rate: f64,
     mut on_replayed: impl FnMut(&DeadLetter),
-) -> Result<ReplayReport, ToolError> {
+) -> Result<Report, ToolError> {
     let connection = connect(config, "dead-letters-replay").await?;
     let result = async {
         let publisher = Publisher::new(config.amqp.publish_timeout);
@@ -401,19 +513,14 @@ pub async fn replay(
             .await
             .map_err(|e| ToolError::Broker(e.to_string()))?;
         let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
-        let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let now = SystemTime::now();
-        let mut report = ReplayReport::default();
-        while report.replayed < filter.limit {
-            let Some(delivery) = reader.next().await? else {
-                break;
-            };
-            report.looked_at += 1;
-            let letter = DeadLetter::from_delivery(&delivery);
-            if !letter.matches(filter, now) {
-                continue;
-            }
+        let (found, listed) = reader.matching(filter).await?;
+        let bar = progress(found.len(), "replayed");
+        let mut pace = pace(rate);
+        let mut report = Report {
+            done: 0,
+            looked_at: listed.looked_at,
+        };
+        for (delivery, letter) in found {
             pace.tick().await;
             let mut properties = replay_properties(&delivery.properties);
             let mut headers = properties.headers().clone().unwrap_or_default();
@@ -433,20 +540,244 @@ pub async fn replay(
                         config.amqp.queue
                     ))
                 })?;
-            delivery
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(|e| {
-                    ToolError::Broker(format!(
-                        "job {} was replayed but could not be removed from the dead letters: {e}",
-                        letter.id.as_deref().unwrap_or("-")
-                    ))
-                })?;
-            report.replayed += 1;
-            on_replayed(&letter);
+            remove(&delivery, &letter, "replayed").await?;
+            report.done += 1;
+            bar.suspend(|| on_replayed(&letter));
+            advance(&bar, "replayed");
         }
+        bar.finish_and_clear();
         let _ = channel.close(200, "replayed".into()).await;
         Ok(report)
+    };
+    let result = result.await;
+    let _ = connection.close(200, "bye".into()).await;
+    result
+}
+
+/// Removes up to `filter.limit` matching dead letters (looking at most at `filter.scan`) for good,
+/// at most `rate` per second, once `confirm` agreed to their number. Each is acked on its own:
+/// an interrupted purge leaves every one it had not reached in the queue.
+pub async fn purge(
+    config: &Config,
+    filter: &Filter,
+    rate: f64,
+    confirm: impl FnOnce(usize) -> Result<(), ToolError> + Send + 'static,
+    mut on_purged: impl FnMut(&DeadLetter),
+) -> Result<Report, ToolError> {
+    let connection = connect(config, "dead-letters-purge").await?;
+    let result = async {
+        let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
+        let (found, listed) = reader.matching(filter).await?;
+        // Asked while every match is held: what is confirmed is exactly what goes.
+        let count = found.len();
+        tokio::task::spawn_blocking(move || confirm(count))
+            .await
+            .map_err(|e| ToolError::Usage(format!("cannot ask for confirmation: {e}")))??;
+        let bar = progress(count, "purged");
+        let mut pace = pace(rate);
+        let mut report = Report {
+            done: 0,
+            looked_at: listed.looked_at,
+        };
+        for (delivery, letter) in found {
+            pace.tick().await;
+            remove(&delivery, &letter, "purged").await?;
+            report.done += 1;
+            bar.suspend(|| on_purged(&letter));
+            advance(&bar, "purged");
+        }
+        bar.finish_and_clear();
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(report)
+    };
+    let result = result.await;
+    let _ = connection.close(200, "bye".into()).await;
+    result
+}
+
+/// At most `rate` ticks a second, the first at once.
+fn pace(rate: f64) -> tokio::time::Interval {
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pace
+}
+
+/// Acks a dead letter: it leaves the dead-letter queue.
+async fn remove(delivery: &Delivery, letter: &DeadLetter, done: &str) -> Result<(), ToolError> {
+    delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            ToolError::Broker(format!(
+                "job {} was {done} but could not be removed from the dead letters: {e}",
+                letter.id.as_deref().unwrap_or("-")
+            ))
+        })
+}
+
+/// One dead letter in full, for `show`: what `list` gives, every header (the failure history:
+/// attempts, first and last failure, the relay's last reply and its code), and the job.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Shown {
+    /// What `list` shows of it.
+    pub letter: DeadLetter,
+    /// Every AMQP header as text, by name.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The body as JSON, each string longer than the limit elided with its length; `None` when
+    /// the body is not JSON.
+    pub job: Option<serde_json::Value>,
+    /// The start of a body that is not JSON (lossy UTF-8, cut at the limit).
+    pub raw: Option<String>,
+    /// Why the worker would refuse the job today (`None`: it would take it).
+    pub invalid: Option<String>,
+}
+
+impl Shown {
+    fn of(delivery: &Delivery, config: &Config, body_limit: usize) -> Self {
+        let properties = &delivery.properties;
+        let headers = properties
+            .headers()
+            .as_ref()
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .map(|(name, value)| {
+                        let text = header_text(properties, name.as_str())
+                            .unwrap_or_else(|| format!("{value:?}"));
+                        (name.to_string(), elide(&text, HEADER_CHARS))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (job, raw) = match serde_json::from_slice::<serde_json::Value>(&delivery.data) {
+            Ok(mut value) => {
+                elide_strings(&mut value, body_limit);
+                (Some(value), None)
+            }
+            Err(_) => (
+                None,
+                Some(elide(&String::from_utf8_lossy(&delivery.data), body_limit)),
+            ),
+        };
+        Self {
+            letter: DeadLetter::from_delivery(delivery),
+            headers,
+            job,
+            raw,
+            invalid: crate::job::decode(&delivery.data, &config.job_limits())
+                .err()
+                .map(|e| e.to_string()),
+        }
+    }
+
+    /// The text `show` prints: the facts, the headers, then the job as indented JSON.
+    fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let letter = &self.letter;
+        let mut fact = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                let _ = writeln!(out, "{name:<16} {value}");
+            }
+        };
+        fact("id", letter.id.clone());
+        fact("kind", letter.kind.clone());
+        fact("attempts", letter.attempts.map(|n| n.to_string()));
+        fact(
+            "first failed at",
+            self.headers.get(amqp::headers::FIRST_FAILED_AT).cloned(),
+        );
+        fact("failed at", letter.failed_at.clone());
+        fact("relay reply", letter.smtp_code.map(|c| c.to_string()));
+        fact("recipients", letter.recipients.clone());
+        fact("reason", letter.reason.clone());
+        fact("replayed at", self.headers.get("replayed-at").cloned());
+        fact("size", Some(format!("{} bytes", letter.bytes)));
+        fact(
+            "today",
+            Some(match &self.invalid {
+                None => "the worker would take this job".to_string(),
+                Some(reason) => format!("the worker would refuse it: {reason}"),
+            }),
+        );
+        let _ = writeln!(out, "\nheaders:");
+        for (name, value) in &self.headers {
+            let _ = writeln!(out, "  {name}: {value}");
+        }
+        let _ = writeln!(out, "\njob:");
+        let body = match (&self.job, &self.raw) {
+            (Some(job), _) => serde_json::to_string_pretty(job).unwrap_or_else(|e| e.to_string()),
+            (None, Some(raw)) => format!("(not JSON) {raw}"),
+            (None, None) => String::new(),
+        };
+        for line in body.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out
+    }
+}
+
+/// Longest header value `show` prints whole: the worker's headers are far shorter; a producer's
+/// may not be.
+const HEADER_CHARS: usize = 2000;
+
+/// `text` if it has at most `limit` characters, else its first `limit` and how much was left out.
+fn elide(text: &str, limit: usize) -> String {
+    let count = text.chars().count();
+    if count <= limit {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(limit).collect();
+    format!("{kept}… ({} more characters)", count - limit)
+}
+
+/// [`elide`] on every string in `value`.
+fn elide_strings(value: &mut serde_json::Value, limit: usize) {
+    match value {
+        serde_json::Value::String(text) => *text = elide(text, limit),
+        serde_json::Value::Array(items) => {
+            for item in items {
+                elide_strings(item, limit);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (_, field) in fields.iter_mut() {
+                elide_strings(field, limit);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The first dead letter with job id `id` (looking at most at `scan`), in full. Removes nothing.
+pub async fn show(
+    config: &Config,
+    id: &str,
+    scan: u16,
+    body_limit: usize,
+) -> Result<Shown, ToolError> {
+    let connection = connect(config, "dead-letters-show").await?;
+    let result = async {
+        let (channel, mut reader) = Reader::open(&connection, config, scan).await?;
+        let filter = Filter {
+            id: Some(id.to_string()),
+            limit: 1,
+            scan,
+            ..Filter::default()
+        };
+        let (found, listed) = reader.matching(&filter).await?;
+        let shown = found
+            .first()
+            .map(|(delivery, _)| Shown::of(delivery, config, body_limit));
+        let _ = channel.close(200, "shown".into()).await;
+        shown.ok_or_else(|| {
+            ToolError::NotFound(format!(
+                "no dead letter with id '{id}' among the {} looked at in '{}'",
+                listed.looked_at, config.amqp.dead_letter_queue
+            ))
+        })
     };
     let result = result.await;
     let _ = connection.close(200, "bye".into()).await;
@@ -511,6 +842,31 @@ impl Reader {
                 in_queue,
             },
         ))
+    }
+
+    /// Up to `filter.limit` dead letters that match `filter`, each with its delivery (held
+    /// unacked, as is every other one read), and what was looked at.
+    async fn matching(
+        &mut self,
+        filter: &Filter,
+    ) -> Result<(Vec<(Delivery, DeadLetter)>, Listed), ToolError> {
+        let mut listed = Listed {
+            in_queue: self.in_queue,
+            looked_at: 0,
+        };
+        let now = SystemTime::now();
+        let mut found = Vec::new();
+        while found.len() < filter.limit {
+            let Some(delivery) = self.next().await? else {
+                break;
+            };
+            listed.looked_at += 1;
+            let letter = DeadLetter::from_delivery(&delivery);
+            if letter.matches(filter, now) {
+                found.push((delivery, letter));
+            }
+        }
+        Ok((found, listed))
     }
 
     /// The next dead letter, or `None` once those present at the start were seen.

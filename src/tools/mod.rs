@@ -1,4 +1,5 @@
-//! The command-line tools beside the worker: publish, dead letters, health, events, status.
+//! The command-line tools beside the worker: publish, dead letters (list, show, replay, purge), health,
+//! events, status.
 //!
 //! Each tool owns its flags (a struct deriving clap's `Args`, which the binary mounts as a
 //! subcommand), what it prints, and its exit status through [`ToolError`]; `main.rs` only
@@ -25,6 +26,12 @@ pub enum ToolError {
     /// `health`: the worker answered not ready, or did not answer (exit 1).
     #[error("not ready: {0}")]
     NotReady(String),
+    /// `dead-letters show`: no dead letter with that id (exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// `dead-letters purge`: the operator did not confirm (exit 1).
+    #[error("{0}")]
+    Declined(String),
 }
 
 impl ToolError {
@@ -35,7 +42,7 @@ impl ToolError {
             ToolError::Usage(_) => 64,
             ToolError::InvalidJob(_) => 65,
             ToolError::Broker(_) => 69,
-            ToolError::NotReady(_) => 1,
+            ToolError::NotReady(_) | ToolError::NotFound(_) | ToolError::Declined(_) => 1,
         }
     }
 }

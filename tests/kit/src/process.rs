@@ -97,6 +97,8 @@ pub struct WorkerProcess {
     child: Child,
     /// Every stderr line so far.
     log: watch::Receiver<Vec<String>>,
+    /// Every stdout line so far.
+    out: watch::Receiver<Vec<String>>,
 }
 
 impl WorkerProcess {
@@ -115,15 +117,9 @@ impl WorkerProcess {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start the amqp-mailer binary");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, log) = watch::channel(Vec::new());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tx.send_modify(|log| log.push(line));
-            }
-        });
-        Self { child, log }
+        let log = lines_of(child.stderr.take().expect("stderr piped"));
+        let out = lines_of(child.stdout.take().expect("stdout piped"));
+        Self { child, log, out }
     }
 
     /// Its process id.
@@ -165,6 +161,36 @@ impl WorkerProcess {
         }
     }
 
+    /// Waits until `count` stdout lines start with `prefix`; returns every stdout line so far.
+    /// Panics with the output so far on timeout.
+    pub async fn wait_for_output(
+        &mut self,
+        prefix: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let enough =
+            |lines: &Vec<String>| lines.iter().filter(|l| l.starts_with(prefix)).count() >= count;
+        let found = tokio::time::timeout(timeout, self.out.wait_for(enough))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|lines| lines.clone());
+        match found {
+            Some(lines) => lines,
+            None => panic!(
+                "not {count} stdout lines starting {prefix:?} within {timeout:?}; so far:\n{}\nlog:\n{}",
+                self.output().join("\n"),
+                self.log().join("\n")
+            ),
+        }
+    }
+
+    /// Every stdout line so far.
+    pub fn output(&self) -> Vec<String> {
+        self.out.borrow().clone()
+    }
+
     /// Every stderr line so far.
     pub fn log(&self) -> Vec<String> {
         self.log.borrow().clone()
@@ -190,6 +216,20 @@ impl WorkerProcess {
             ),
         }
     }
+}
+
+/// The lines `stream` gives, gathered as they come.
+fn lines_of(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> watch::Receiver<Vec<String>> {
+    let (tx, lines) = watch::channel(Vec::new());
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            tx.send_modify(|lines| lines.push(line));
+        }
+    });
+    lines
 }
 
 /// Runs the binary to completion (for subcommands like `config`); returns status, stdout, stderr.
