@@ -170,6 +170,7 @@ async fn bad_configuration_exits_64_naming_the_key_before_connecting() {
             "failed before connecting: {stderr}"
         );
         assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+        assert_eq!(stderr.matches(named).count(), 1, "named once: {stderr}");
     }
     let (status, _, stderr) =
         run_to_end(&["--config", "/nonexistent/amqp-mailer.toml", "run"], &[]).await;
@@ -276,4 +277,45 @@ async fn at_start_a_reachable_relay_and_a_set_sender_give_no_warning() {
         "no warning:\n{}",
         log.join("\n")
     );
+}
+
+/// The text log an operator reads: the job's span names its id once, and a retry or dead-letter
+/// line that is not about some recipients carries no empty `recipients` or reply fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_log_lines_name_the_job_once_and_carry_no_empty_fields() {
+    let smtp = SmtpServer::start();
+    let broker = Broker::new("textlog").await;
+    broker.also_delete([format!("{}10s", broker.names.retry_prefix)]);
+    smtp.add_rule(Rule::times(
+        1,
+        Cmd::DataEnd,
+        Action::Reply(451, "4.4.1 no answer from host".into()),
+    ));
+    let mut env = testkit::process::worker_env(&broker.names, smtp.port());
+    env.push(("AMQP_MAILER_SMTP__FROM", "sender@example.com".into()));
+    let mut worker = WorkerProcess::start(&["run"], &env);
+    worker.wait_for_log("consuming", WAIT).await;
+    broker
+        .publish(job("txt-1", "ann@example.com").as_bytes())
+        .await;
+    let retry = worker.wait_for_log("retrying later", WAIT).await;
+    broker.publish(b"{not a job").await;
+    let dead = worker.wait_for_log("job dead-lettered", WAIT).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(WAIT).await.success());
+    assert!(
+        retry.contains("job{attempt=1 job_id=\"txt-1\"}"),
+        "the span: {retry}"
+    );
+    assert_eq!(retry.matches("job_id").count(), 1, "once: {retry}");
+    assert!(
+        retry.contains("451 4.4.1 no answer from host"),
+        "the relay's reply: {retry}"
+    );
+    for line in [&retry, &dead] {
+        assert!(
+            !line.contains("=\"\"") && !line.contains("recipients"),
+            "no empty fields: {line}"
+        );
+    }
 }
