@@ -53,6 +53,18 @@ async fn put_dead_letter(broker: &Broker, id: &str, kind: &str, failed_at: &str)
         .await;
 }
 
+/// `publish --to TO` with a subject and a text: a job valid but for what the test is about.
+async fn publish_to(
+    to: &str,
+    env: &[(&'static str, String)],
+) -> (std::process::ExitStatus, String, String) {
+    run_to_end(
+        &["publish", "--to", to, "--subject", "s", "--text", "t"],
+        env,
+    )
+    .await
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -160,19 +172,7 @@ async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
     let broker = Broker::new("clirefuse").await;
     let env = tool_env(&broker);
     // Nothing declared yet: the exchange does not exist or routes nowhere.
-    let (status, _, stderr) = run_to_end(
-        &[
-            "publish",
-            "--to",
-            "a@example.com",
-            "--subject",
-            "s",
-            "--text",
-            "t",
-        ],
-        &env,
-    )
-    .await;
+    let (status, _, stderr) = publish_to("a@example.com", &env).await;
     assert_eq!(status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("NOT_FOUND - no exchange"), "{stderr}");
     assert!(
@@ -185,19 +185,7 @@ async fn publish_refuses_an_invalid_job_and_says_when_nothing_is_bound() {
     let (status, _, stderr) = run_to_end(&["publish", "--subject", "s", "--text", "t"], &env).await;
     assert_eq!(status.code(), Some(65), "{stderr}");
     assert!(stderr.contains("no recipients"), "{stderr}");
-    let (status, _, stderr) = run_to_end(
-        &[
-            "publish",
-            "--to",
-            "not an address",
-            "--subject",
-            "s",
-            "--text",
-            "t",
-        ],
-        &env,
-    )
-    .await;
+    let (status, _, stderr) = publish_to("not an address", &env).await;
     assert_eq!(status.code(), Some(65), "{stderr}");
     assert!(stderr.contains("to[0]"), "{stderr}");
     // Without smtp.from, a job without `from` is one the worker would dead-letter.
@@ -503,6 +491,9 @@ async fn every_subcommand_has_help() {
         vec!["dead-letters", "--help"],
         vec!["dead-letters", "list", "--help"],
         vec!["dead-letters", "replay", "--help"],
+        vec!["dead-letters", "show", "--help"],
+        vec!["dead-letters", "purge", "--help"],
+        vec!["status", "--help"],
         vec!["config", "--help"],
         vec!["health", "--help"],
     ] {
@@ -526,7 +517,7 @@ async fn every_subcommand_has_help() {
 
 #[tokio::test]
 async fn dead_letters_kind_help_names_every_kind() {
-    for command in ["list", "replay"] {
+    for command in ["list", "replay", "purge"] {
         let (status, stdout, stderr) = run_to_end(&["dead-letters", command, "--help"], &[]).await;
         assert!(status.success(), "{command}: {stderr}");
         let kind = stdout
@@ -551,19 +542,7 @@ async fn the_tools_use_the_broker_list_and_never_print_its_passwords() {
     let mut env = tool_env(&broker);
     env.retain(|(k, _)| *k != "AMQP_MAILER_AMQP__URL");
     env.push(("AMQP_MAILER_AMQP__URL", list));
-    let (status, stdout, stderr) = run_to_end(
-        &[
-            "publish",
-            "--to",
-            "ann@example.com",
-            "--subject",
-            "s",
-            "--text",
-            "t",
-        ],
-        &env,
-    )
-    .await;
+    let (status, stdout, stderr) = publish_to("ann@example.com", &env).await;
     assert!(status.success(), "{stderr}");
     assert_eq!(broker.ready_count(&broker.names.queue).await, 1, "{stdout}");
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 
@@ -503,55 +503,9 @@ pub async fn replay(
     config: &Config,
     filter: &Filter,
     rate: f64,
-    mut on_replayed: impl FnMut(&DeadLetter),
+    on_replayed: impl FnMut(&DeadLetter),
 ) -> Result<Report, ToolError> {
-    let connection = connect(config, "dead-letters-replay").await?;
-    let result = async {
-        let publisher = Publisher::new(config.amqp.publish_timeout);
-        publisher
-            .attach(&connection)
-            .await
-            .map_err(|e| ToolError::Broker(e.to_string()))?;
-        let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
-        let (found, listed) = reader.matching(filter).await?;
-        let bar = progress(found.len(), "replayed");
-        let mut pace = pace(rate);
-        let mut report = Report {
-            done: 0,
-            looked_at: listed.looked_at,
-        };
-        for (delivery, letter) in found {
-            pace.tick().await;
-            let mut properties = replay_properties(&delivery.properties);
-            let mut headers = properties.headers().clone().unwrap_or_default();
-            headers.insert(
-                "replayed-at".into(),
-                AMQPValue::LongString(LongString::from(amqp::rfc3339(SystemTime::now()))),
-            );
-            properties = properties.with_headers(headers);
-            // Straight to the work queue: it does not depend on the exchange's bindings.
-            publisher
-                .publish("", &config.amqp.queue, &delivery.data, properties)
-                .await
-                .map_err(|e| {
-                    ToolError::Broker(format!(
-                        "could not publish job {} back to '{}': {e}; it stays a dead letter",
-                        letter.id.as_deref().unwrap_or("-"),
-                        config.amqp.queue
-                    ))
-                })?;
-            remove(&delivery, &letter, "replayed").await?;
-            report.done += 1;
-            bar.suspend(|| on_replayed(&letter));
-            advance(&bar, "replayed");
-        }
-        bar.finish_and_clear();
-        let _ = channel.close(200, "replayed".into()).await;
-        Ok(report)
-    };
-    let result = result.await;
-    let _ = connection.close(200, "bye".into()).await;
-    result
+    work_through(config, filter, rate, Pass::Replay, |_| Ok(()), on_replayed).await
 }
 
 /// Removes up to `filter.limit` matching dead letters (looking at most at `filter.scan`) for good,
@@ -562,10 +516,54 @@ pub async fn purge(
     filter: &Filter,
     rate: f64,
     confirm: impl FnOnce(usize) -> Result<(), ToolError> + Send + 'static,
-    mut on_purged: impl FnMut(&DeadLetter),
+    on_purged: impl FnMut(&DeadLetter),
 ) -> Result<Report, ToolError> {
-    let connection = connect(config, "dead-letters-purge").await?;
+    work_through(config, filter, rate, Pass::Purge, confirm, on_purged).await
+}
+
+/// What a pass over the matching dead letters does with each.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// Publish it to the work queue, confirmed, then remove it.
+    Replay,
+    /// Remove it.
+    Purge,
+}
+
+impl Pass {
+    fn done(self) -> &'static str {
+        match self {
+            Pass::Replay => "replayed",
+            Pass::Purge => "purged",
+        }
+    }
+}
+
+/// Holds the matching dead letters, asks `confirm` about their number, then handles them one at
+/// a time at most `rate` a second, with the progress bar; `on_done` hears of each once it left
+/// the dead-letter queue. An error stops the pass: what was not removed goes back to the queue
+/// when the channel closes.
+async fn work_through(
+    config: &Config,
+    filter: &Filter,
+    rate: f64,
+    pass: Pass,
+    confirm: impl FnOnce(usize) -> Result<(), ToolError> + Send + 'static,
+    mut on_done: impl FnMut(&DeadLetter),
+) -> Result<Report, ToolError> {
+    let connection = connect(config, &format!("dead-letters-{}", pass.done())).await?;
     let result = async {
+        let publisher = match pass {
+            Pass::Replay => {
+                let publisher = Publisher::new(config.amqp.publish_timeout);
+                publisher
+                    .attach(&connection)
+                    .await
+                    .map_err(|e| ToolError::Broker(e.to_string()))?;
+                Some(publisher)
+            }
+            Pass::Purge => None,
+        };
         let (channel, mut reader) = Reader::open(&connection, config, filter.scan).await?;
         let (found, listed) = reader.matching(filter).await?;
         // Asked while every match is held: what is confirmed is exactly what goes.
@@ -573,7 +571,7 @@ pub async fn purge(
         tokio::task::spawn_blocking(move || confirm(count))
             .await
             .map_err(|e| ToolError::Usage(format!("cannot ask for confirmation: {e}")))??;
-        let bar = progress(count, "purged");
+        let bar = progress(count, pass.done());
         let mut pace = pace(rate);
         let mut report = Report {
             done: 0,
@@ -581,18 +579,50 @@ pub async fn purge(
         };
         for (delivery, letter) in found {
             pace.tick().await;
-            remove(&delivery, &letter, "purged").await?;
+            if let Some(publisher) = &publisher {
+                republish(publisher, config, &delivery, &letter).await?;
+            }
+            remove(&delivery, &letter, pass.done()).await?;
             report.done += 1;
-            bar.suspend(|| on_purged(&letter));
-            advance(&bar, "purged");
+            bar.suspend(|| on_done(&letter));
+            advance(&bar, pass.done());
         }
         bar.finish_and_clear();
-        let _ = channel.close(200, "purged".into()).await;
+        let _ = channel.close(200, pass.done().into()).await;
         Ok(report)
     };
     let result = result.await;
     let _ = connection.close(200, "bye".into()).await;
     result
+}
+
+/// Publishes a dead letter to the work queue with a fresh attempt count and `replayed-at`, and
+/// waits for the broker's confirm.
+async fn republish(
+    publisher: &Publisher,
+    config: &Config,
+    delivery: &Delivery,
+    letter: &DeadLetter,
+) -> Result<(), ToolError> {
+    let mut properties = replay_properties(&delivery.properties);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "replayed-at".into(),
+        AMQPValue::LongString(LongString::from(amqp::rfc3339(SystemTime::now()))),
+    );
+    properties = properties.with_headers(headers);
+    // Straight to the work queue: it does not depend on the exchange's bindings.
+    publisher
+        .publish("", &config.amqp.queue, &delivery.data, properties)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            ToolError::Broker(format!(
+                "could not publish job {} back to '{}': {e}; it stays a dead letter",
+                letter.id.as_deref().unwrap_or("-"),
+                config.amqp.queue
+            ))
+        })
 }
 
 /// At most `rate` ticks a second, the first at once.
@@ -803,21 +833,11 @@ impl Reader {
             .create_channel()
             .await
             .map_err(|e| ToolError::Broker(e.to_string()))?;
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                ToolError::Broker(format!(
-                    "no dead-letter queue '{queue}' (has the worker run?): {e}"
-                ))
-            })?;
+        let declared = super::passive_declare(&channel, queue).await.map_err(|e| {
+            ToolError::Broker(format!(
+                "no dead-letter queue '{queue}' (has the worker run?): {e}"
+            ))
+        })?;
         let in_queue = declared.message_count();
         let remaining = in_queue.min(u32::from(scan));
         // Unlimited would let a huge queue flood memory; `scan` bounds what is held at once.

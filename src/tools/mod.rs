@@ -59,3 +59,18 @@ async fn connect(
         .map(|(connection, _)| connection)
         .map_err(|e| ToolError::Broker(format!("cannot connect to the broker: {e}")))
 }
+
+/// A passive declare of `queue`: its ready messages and consumers as the broker counts them, or
+/// the broker's refusal (NOT_FOUND for a missing queue, which closes the channel).
+async fn passive_declare(channel: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+}

@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde::Serialize;
 
 use super::{ToolError, connect};
@@ -143,16 +141,7 @@ async fn declared(connection: &lapin::Connection, name: &str) -> Result<QueueSta
         .create_channel()
         .await
         .map_err(|e| ToolError::Broker(e.to_string()))?;
-    let declared = channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
+    let declared = super::passive_declare(&channel, name).await;
     let status = match declared {
         Ok(queue) => QueueStatus {
             name: name.to_string(),
