@@ -269,6 +269,9 @@ async fn a_read_only_outbox_makes_jobs_retry_and_they_are_written_once_it_is_wri
     broker
         .also_delete(["1s", "2s", "4s", "8s"].map(|d| format!("{}{d}", broker.names.retry_prefix)));
     let folder_arg = folder.to_str().expect("UTF-8 path");
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::process::free_port())
+        .parse()
+        .expect("address");
     let mut worker = WorkerProcess::start(
         &["run", "--outbox", folder_arg],
         &env(
@@ -276,6 +279,7 @@ async fn a_read_only_outbox_makes_jobs_retry_and_they_are_written_once_it_is_wri
             &[
                 ("AMQP_MAILER_RETRY__INITIAL_DELAY", "1s".into()),
                 ("AMQP_MAILER_RETRY__MAX_ATTEMPTS", "10".into()),
+                ("AMQP_MAILER_HTTP__LISTEN", http.to_string()),
             ],
         ),
     );
@@ -284,6 +288,12 @@ async fn a_read_only_outbox_makes_jobs_retry_and_they_are_written_once_it_is_wri
         .await;
     assert!(warning.contains("WARN"), "{warning}");
     worker.wait_for_log("consuming", WAIT).await;
+    // Receipts as a producer sees them: the same as with a relay.
+    let mut events = WorkerProcess::start(
+        &["events", "--json", "--count", "2"],
+        &broker_env(&broker.names),
+    );
+    events.wait_for_log("listening for receipts", WAIT).await;
     broker
         .publish(job("locked-1", "ann@example.com").as_bytes())
         .await;
@@ -309,6 +319,47 @@ async fn a_read_only_outbox_makes_jobs_retry_and_they_are_written_once_it_is_wri
         broker.ready_count(&broker.names.dead).await,
         0,
         "never a dead letter"
+    );
+    let receipts: Vec<serde_json::Value> = events
+        .wait_for_output("{", 2, WAIT)
+        .await
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a receipt"))
+        .collect();
+    assert!(events.wait_exit(WAIT).await.success());
+    assert_eq!(receipts[0]["outcome"], "deferred", "{receipts:?}");
+    assert_eq!(receipts[0]["job_id"], "locked-1");
+    assert_eq!(receipts[0]["reason"]["kind"], "transient", "{receipts:?}");
+    assert!(
+        receipts[0]["reason"]["text"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot write to the outbox")),
+        "{receipts:?}"
+    );
+    assert_eq!(receipts[1]["outcome"], "delivered", "{receipts:?}");
+    assert_eq!(receipts[1]["attempt"], 2, "{receipts:?}");
+    assert_eq!(receipts[1]["relay"]["name"], "outbox", "{receipts:?}");
+    assert_eq!(receipts[1]["message_id"], "<locked-1@example.com>");
+    assert_eq!(
+        receipts[1]["recipients"][0]["status"], "delivered",
+        "{receipts:?}"
+    );
+    // The metrics count as with a relay, the outbox as the relay.
+    let metrics = amqp_mailer::http::check(http, "/metrics")
+        .await
+        .expect("metrics");
+    for line in [
+        "amqp_mailer_jobs_delivered_total 1",
+        "amqp_mailer_jobs_retried_total{attempt=\"1\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("amqp_mailer_smtp_send_duration_seconds_count{")
+                && l.contains("relay=\"outbox\"")
+        ),
+        "{metrics}"
     );
     worker.signal("TERM");
     assert!(worker.wait_exit(WAIT).await.success());
