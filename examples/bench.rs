@@ -1283,8 +1283,9 @@ async fn prepare(
     let retry = RetryConfig::default();
     let topology = Topology::new(&amqp, &Schedule::new(&retry));
     let retry_queues: Vec<String> = topology
-        .retry_queues
+        .lanes
         .iter()
+        .flat_map(|lane| &lane.retry_queues)
         .map(|(_, name)| name.clone())
         .collect();
     let declared = async {

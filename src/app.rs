@@ -13,7 +13,7 @@ use crate::config::{AmbiguousPolicy, Config, TransportKind};
 use crate::dkim::Signers;
 use crate::message::MessageDefaults;
 use crate::metrics::Metrics;
-use crate::pipeline::{Consumer, JobContext, JobEvent, RecentlySettled};
+use crate::pipeline::{Consumer, JobContext, JobEvent, Lane, RecentlySettled};
 use crate::policy::Schedule;
 use crate::shutdown::Shutdown;
 use crate::smtp::{OUTBOX, Outbox, Relay, RelaySet, Transport};
@@ -73,7 +73,9 @@ pub async fn run(
     // Read before any connection: a key that cannot sign exits 64, naming its entry.
     let dkim = Signers::new(&config.dkim).map_err(|e| RunError::Config(e.to_string()))?;
     let receipts = topology.events_exchange.clone();
+    let lanes = Lane::all(&topology, &metrics);
     let ctx = Arc::new(JobContext {
+        lanes,
         dkim,
         receipts,
         receipts_waiting: Default::default(),

@@ -482,7 +482,7 @@ async fn a_full_queue_and_a_stalled_relay_hold_at_most_concurrency_jobs() {
     // worker's memory.
     let ready = setup.broker.ready_count(&setup.broker.names.queue).await;
     assert_eq!(ready as usize, JOBS - 4, "the worker took only 4 of {JOBS}");
-    assert_eq!(setup.worker.handles.metrics.jobs_in_flight.get(), 4);
+    assert_eq!(setup.worker.handles.metrics.jobs_in_flight(), 4);
     let metrics = setup.worker.handles.metrics.encode();
     assert!(
         metrics.contains("amqp_mailer_jobs_received_total 4\n"),

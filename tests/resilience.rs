@@ -445,7 +445,7 @@ async fn cut_while_sending(test: &str, copies: usize) -> (Vec<JobOutcome>, f64) 
     let outcomes = wait_events(&mut events, 2 * copies, WAIT, |_| true).await;
     let mut outcomes: Vec<JobOutcome> = outcomes.into_iter().map(|e| e.outcome).collect();
     outcomes.sort_by_key(|o| format!("{o:?}"));
-    assert_eq!(worker.handles.metrics.jobs_in_flight.get(), 0);
+    assert_eq!(worker.handles.metrics.jobs_in_flight(), 0);
     let metrics = worker.handles.metrics.clone();
     worker.stop().await.expect("clean stop");
     assert_eq!(

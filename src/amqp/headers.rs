@@ -23,6 +23,9 @@ pub const RECIPIENTS: &str = "recipients";
 /// stored all the same: the worker keeps the ids of such copies, and drops one that comes back
 /// instead of sending the job twice.
 pub const COPY_ID: &str = "copy-id";
+/// The lane (`amqp.lanes`) a republished job came through: `dead-letters replay` puts it back
+/// in that lane's queue. Absent for a worker without lanes.
+pub const LANE: &str = "lane";
 
 /// The headers written on a job that failed an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +98,7 @@ pub fn republish_properties(
     original: &BasicProperties,
     failure: &FailureHeaders,
     copy_id: &str,
+    lane: Option<&str>,
 ) -> BasicProperties {
     let failed_at = rfc3339(failure.failed_at);
     let first_failed_at =
@@ -116,6 +120,9 @@ pub fn republish_properties(
         headers.insert(RECIPIENTS.into(), long(recipients));
     }
     headers.insert(COPY_ID.into(), long(copy_id));
+    if let Some(lane) = lane {
+        headers.insert(LANE.into(), long(lane));
+    }
     rebuild(original, headers)
 }
 
@@ -128,7 +135,8 @@ pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
 /// The producer's own headers: without ours and without the broker's `x-` ones (x-death and
 /// friends: RabbitMQ 4 ignores a client-set x-death, so the worker keeps its own count).
 fn producer_headers(original: &BasicProperties) -> FieldTable {
-    const OURS: [&str; 7] = [
+    const OURS: [&str; 8] = [
+        LANE,
         ATTEMPT,
         ERROR_KIND,
         LAST_ERROR,
@@ -254,6 +262,7 @@ mod tests {
                 recipients: None,
             },
             "c-1",
+            None,
         );
         let h = props.headers().as_ref().expect("headers").inner();
         assert_eq!(h.get("tenant"), Some(&long("acme")));

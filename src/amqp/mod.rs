@@ -23,7 +23,7 @@ pub use headers::{
 };
 pub use session::{BrokerSession, Connections, SessionError};
 pub use tls::BrokerTls;
-pub use topology::{Topology, TopologyError, format_duration};
+pub use topology::{LaneTopology, Topology, TopologyError, format_duration};
 
 /// Largest AMQP frame we ask for, unless the URL says otherwise (`?frame_max=`).
 const FRAME_MAX: u32 = 16 * 1024;

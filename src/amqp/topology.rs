@@ -32,16 +32,39 @@ pub fn format_duration(value: Duration) -> String {
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub exchange: String,
-    pub queue: String,
-    pub routing_key: String,
+    /// The work queues: `amqp.queue` alone, or one per lane of `amqp.lanes`.
+    pub lanes: Vec<LaneTopology>,
     pub dead_letter_queue: String,
-    /// One queue per distinct delay of the schedule, in order.
-    pub retry_queues: Vec<(Duration, String)>,
-    /// Retry queues are named this followed by their delay (`email.retry.` + `10s`).
+    /// Every retry queue starts with this (`amqp.retry_queue_prefix`).
     pub retry_queue_prefix: String,
     pub queue_type: QueueType,
     /// The topic exchange receipts go to (`amqp.events_exchange`); `None` when they are off.
     pub events_exchange: Option<String>,
+}
+
+/// One work queue with its binding and its retry tiers.
+#[derive(Debug, Clone)]
+pub struct LaneTopology {
+    /// The lane's name; `None` for the one queue of a worker without lanes.
+    pub name: Option<String>,
+    pub queue: String,
+    pub routing_key: String,
+    /// Its share of the concurrency against the other lanes.
+    pub weight: u16,
+    /// One queue per distinct delay of the schedule, in order.
+    pub retry_queues: Vec<(Duration, String)>,
+    /// Its retry queues are named this followed by their delay (`email.retry.` + `10s`, or
+    /// `email.retry.bulk.` + `10s` for lane `bulk`).
+    pub retry_queue_prefix: String,
+}
+
+impl LaneTopology {
+    /// The retry queue for a delay. Named, not looked up, so that there is always one: every
+    /// delay the schedule produces was declared with the same name, and a publish to a queue that
+    /// does not exist is returned by the broker (mandatory), never taken as stored.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        retry_queue_name(&self.retry_queue_prefix, delay)
+    }
 }
 
 fn retry_queue_name(prefix: &str, delay: Duration) -> String {
@@ -88,35 +111,54 @@ pub enum TopologyError {
 
 impl Topology {
     pub fn new(config: &AmqpConfig, schedule: &Schedule) -> Self {
-        let prefix = &config.retry_queue_prefix;
-        let retry_queues = schedule
-            .delays()
-            .into_iter()
-            .map(|delay| (delay, retry_queue_name(prefix, delay)))
-            .collect();
+        let lane = |name: Option<&str>, queue: &str, routing_key: &str, weight: u16| {
+            let prefix = match name {
+                Some(name) => config.lane_retry_prefix(name),
+                None => config.retry_queue_prefix.clone(),
+            };
+            let retry_queues = schedule
+                .delays()
+                .into_iter()
+                .map(|delay| (delay, retry_queue_name(&prefix, delay)))
+                .collect();
+            LaneTopology {
+                name: name.map(str::to_string),
+                queue: queue.to_string(),
+                routing_key: routing_key.to_string(),
+                weight,
+                retry_queues,
+                retry_queue_prefix: prefix,
+            }
+        };
+        let lanes = if config.lanes.is_empty() {
+            vec![lane(None, &config.queue, &config.routing_key, 1)]
+        } else {
+            config
+                .lanes
+                .iter()
+                .map(|l| lane(Some(&l.name), &l.queue, &l.routing_key, l.weight))
+                .collect()
+        };
         Self {
-            retry_queue_prefix: prefix.clone(),
+            retry_queue_prefix: config.retry_queue_prefix.clone(),
             exchange: config.exchange.clone(),
-            queue: config.queue.clone(),
-            routing_key: config.routing_key.clone(),
+            lanes,
             dead_letter_queue: config.dead_letter_queue.clone(),
-            retry_queues,
             queue_type: config.queue_type,
             events_exchange: Some(config.events_exchange.clone()).filter(|name| !name.is_empty()),
         }
     }
 
-    /// The retry queue for a delay. Named, not looked up, so that there is always one: every
-    /// delay the schedule produces was declared with the same name, and a publish to a queue that
-    /// does not exist is returned by the broker (mandatory), never taken as stored.
-    pub fn retry_queue(&self, delay: Duration) -> String {
-        retry_queue_name(&self.retry_queue_prefix, delay)
+    /// The work queues, for the log: `email.send`, or `email.tx, email.bulk`.
+    pub fn queues(&self) -> String {
+        let names: Vec<&str> = self.lanes.iter().map(|l| l.queue.as_str()).collect();
+        names.join(", ")
     }
 
-    /// Whether `queue` is one of the worker's own: the work queue, the dead-letter queue or a
+    /// Whether `queue` is one of the worker's own: a work queue, the dead-letter queue or a
     /// retry queue. A receipt sent there would be taken for a job.
     pub fn is_own_queue(&self, queue: &str) -> bool {
-        queue == self.queue
+        self.lanes.iter().any(|lane| lane.queue == queue)
             || queue == self.dead_letter_queue
             || (!self.retry_queue_prefix.is_empty() && queue.starts_with(&self.retry_queue_prefix))
     }
@@ -131,39 +173,49 @@ impl Topology {
             declare_exchange(channel, events, ExchangeKind::Topic).await?;
         }
 
+        for lane in &self.lanes {
+            self.declare_lane(channel, lane).await?;
+        }
+        let dead = self.base_arguments();
+        self.declare_queue(channel, &self.dead_letter_queue, dead)
+            .await?;
+        Ok(())
+    }
+
+    /// A work queue, its binding and its retry queues.
+    async fn declare_lane(
+        &self,
+        channel: &Channel,
+        lane: &LaneTopology,
+    ) -> Result<(), TopologyError> {
         // Work queue. Anything the broker itself dead-letters from it (a quorum queue's
         // delivery limit on RabbitMQ 4) lands in the dead-letter queue instead of vanishing.
         let mut work = self.base_arguments();
         dead_letter_to(&mut work, &self.dead_letter_queue);
         self.at_least_once(&mut work);
-        self.declare_queue(channel, &self.queue, work).await?;
+        self.declare_queue(channel, &lane.queue, work).await?;
         if !self.exchange.is_empty() {
             channel
                 .queue_bind(
-                    self.queue.as_str().into(),
+                    lane.queue.as_str().into(),
                     self.exchange.as_str().into(),
-                    self.routing_key.as_str().into(),
+                    lane.routing_key.as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| declare_error(format!("binding of queue '{}'", self.queue), e))?;
+                .map_err(|e| declare_error(format!("binding of queue '{}'", lane.queue), e))?;
         }
-
-        for (delay, name) in &self.retry_queues {
+        for (delay, name) in &lane.retry_queues {
             let mut args = self.base_arguments();
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(delay.as_millis() as i64),
             );
-            dead_letter_to(&mut args, &self.queue);
+            dead_letter_to(&mut args, &lane.queue);
             self.at_least_once(&mut args);
             self.declare_queue(channel, name, args).await?;
         }
-
-        let dead = self.base_arguments();
-        self.declare_queue(channel, &self.dead_letter_queue, dead)
-            .await?;
         Ok(())
     }
 
@@ -263,7 +315,7 @@ mod tests {
     fn retry_queues_are_named_after_their_delay() {
         let schedule = Schedule::new(&RetryConfig::default());
         let topology = Topology::new(&AmqpConfig::default(), &schedule);
-        let names: Vec<&str> = topology
+        let names: Vec<&str> = topology.lanes[0]
             .retry_queues
             .iter()
             .map(|(_, name)| name.as_str())

@@ -200,6 +200,61 @@ pub struct AmqpConfig {
     pub auth_mechanism: BrokerAuth,
     /// TLS for `amqps://` URLs.
     pub tls: BrokerTlsConfig,
+    /// `[[amqp.lanes]]`: several work queues consumed by one worker, each with its share of
+    /// `worker.concurrency`. Empty (default): the one queue `amqp.queue`. With lanes,
+    /// `amqp.queue` and `amqp.routing_key` are not used. Read from the file only. Last: TOML
+    /// writes arrays of tables after the other keys.
+    pub lanes: Vec<LaneConfig>,
+}
+
+/// One lane of `[[amqp.lanes]]`: a work queue of its own, bound to the exchange with its own
+/// routing key, with retry queues of its own (`<retry_queue_prefix><name>.10s`), and a share of
+/// the concurrency in proportion to its weight.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    /// The lane's name: a label on the metrics, a field in logs and receipts. Lower-case
+    /// letters, digits, `-` and `_`.
+    pub name: String,
+    /// The lane's work queue.
+    pub queue: String,
+    /// The routing key binding the queue to `amqp.exchange`.
+    pub routing_key: String,
+    /// Its share of `worker.concurrency` against the other lanes' weights. Default 1.
+    #[serde(default = "one")]
+    pub weight: u16,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// Splits `total` slots between `weights` in proportion (largest remainder), each at least 1
+/// when `total` allows it; the shares add up to `total`.
+pub fn shares(weights: &[u16], total: u16) -> Vec<u16> {
+    let n = weights.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let total = u64::from(total);
+    let sum: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
+    // Each lane first gets one slot (when there are enough), the rest by weight.
+    let floor = u64::from(total >= n as u64);
+    let rest = total - floor * n as u64;
+    let mut out: Vec<u64> = Vec::with_capacity(n);
+    let mut remainders: Vec<(u64, usize)> = Vec::with_capacity(n);
+    for (i, &w) in weights.iter().enumerate() {
+        let exact = rest * u64::from(w.max(1));
+        out.push(floor + exact / sum);
+        remainders.push((exact % sum, i));
+    }
+    let given: u64 = out.iter().sum();
+    // Largest remainders first; ties to the earlier lane.
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in remainders.iter().take((total - given) as usize) {
+        out[i] += 1;
+    }
+    out.into_iter().map(|s| s as u16).collect()
 }
 
 impl Default for AmqpConfig {
@@ -220,6 +275,7 @@ impl Default for AmqpConfig {
             connect_timeout: Duration::from_secs(10),
             auth_mechanism: BrokerAuth::Plain,
             tls: BrokerTlsConfig::default(),
+            lanes: Vec::new(),
         }
     }
 }
@@ -328,6 +384,7 @@ impl AmqpConfig {
                 "the work and dead-letter queues must not start with the retry prefix",
             ));
         }
+        self.validate_lanes()?;
         positive("amqp.publish_timeout", self.publish_timeout)?;
         positive("amqp.reconnect_max_delay", self.reconnect_max_delay)?;
         positive("amqp.connect_timeout", self.connect_timeout)?;
@@ -344,9 +401,143 @@ impl AmqpConfig {
     }
 }
 
+impl AmqpConfig {
+    /// The retry queues of lane `name` are named this followed by their delay.
+    pub fn lane_retry_prefix(&self, name: &str) -> String {
+        format!("{}{name}.", self.retry_queue_prefix)
+    }
+
+    fn validate_lanes(&self) -> Result<(), ConfigError> {
+        for (i, lane) in self.lanes.iter().enumerate() {
+            let key = |field: &str| format!("amqp.lanes[{i}].{field}");
+            if lane.name.is_empty() || lane.name.len() > 64 {
+                return Err(ConfigError::new(key("name"), "must be 1 to 64 characters"));
+            }
+            if !lane
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!(
+                        "`{}` may hold only lower-case letters, digits, - and _",
+                        lane.name
+                    ),
+                ));
+            }
+            if lane.queue.is_empty() || lane.queue.len() > 200 {
+                return Err(ConfigError::new(key("queue"), "must be 1 to 200 bytes"));
+            }
+            if lane.routing_key.len() > 200 {
+                return Err(ConfigError::new(
+                    key("routing_key"),
+                    "longer than 200 bytes",
+                ));
+            }
+            if lane.weight == 0 {
+                return Err(ConfigError::new(key("weight"), "must be at least 1"));
+            }
+            if lane.queue == self.dead_letter_queue {
+                return Err(ConfigError::new(
+                    key("queue"),
+                    "must differ from amqp.dead_letter_queue",
+                ));
+            }
+            if lane.queue.starts_with(&self.retry_queue_prefix) {
+                return Err(ConfigError::new(
+                    key("queue"),
+                    format!(
+                        "must not start with the retry prefix `{}`",
+                        self.retry_queue_prefix
+                    ),
+                ));
+            }
+            for (j, other) in self.lanes[..i].iter().enumerate() {
+                if other.name == lane.name {
+                    return Err(ConfigError::new(
+                        key("name"),
+                        format!("`{}` is also the name of amqp.lanes[{j}]", lane.name),
+                    ));
+                }
+                if other.queue == lane.queue {
+                    return Err(ConfigError::new(
+                        key("queue"),
+                        format!("`{}` is also the queue of amqp.lanes[{j}]", lane.queue),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_follow_the_weights_and_add_up() {
+        assert_eq!(shares(&[3, 1], 16), [12, 4]);
+        assert_eq!(shares(&[3, 1], 32), [24, 8]);
+        assert_eq!(shares(&[1], 32), [32]);
+        assert_eq!(shares(&[1, 1, 1], 10), [4, 3, 3]);
+        // Each lane gets a slot, however small its weight.
+        assert_eq!(shares(&[100, 1], 4), [3, 1]);
+        assert_eq!(shares(&[1, 1], 2), [1, 1]);
+        for total in 2..64 {
+            for weights in [[1u16, 1], [3, 1], [1, 9], [7, 5]] {
+                let s = shares(&weights, total);
+                assert_eq!(s.iter().sum::<u16>(), total, "{weights:?} of {total}");
+                assert!(s.iter().all(|&x| x >= 1));
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_are_checked_naming_their_entry() {
+        let lane = |name: &str, queue: &str| LaneConfig {
+            name: name.into(),
+            queue: queue.into(),
+            routing_key: name.into(),
+            weight: 1,
+        };
+        let ok = AmqpConfig {
+            lanes: vec![
+                lane("transactional", "email.tx"),
+                lane("bulk", "email.bulk"),
+            ],
+            ..AmqpConfig::default()
+        };
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.lane_retry_prefix("bulk"), "email.retry.bulk.");
+        type Break = fn(&mut AmqpConfig);
+        let cases: [(Break, &str); 6] = [
+            (|c| c.lanes[1].name = "Bulk".into(), "amqp.lanes[1].name"),
+            (
+                |c| c.lanes[1].name = "transactional".into(),
+                "amqp.lanes[1].name",
+            ),
+            (
+                |c| c.lanes[1].queue = "email.tx".into(),
+                "amqp.lanes[1].queue",
+            ),
+            (
+                |c| c.lanes[0].queue = "email.dead".into(),
+                "amqp.lanes[0].queue",
+            ),
+            (
+                |c| c.lanes[0].queue = "email.retry.q".into(),
+                "amqp.lanes[0].queue",
+            ),
+            (|c| c.lanes[0].weight = 0, "amqp.lanes[0].weight"),
+        ];
+        for (break_it, key) in cases {
+            let mut config = ok.clone();
+            break_it(&mut config);
+            assert_eq!(config.validate().expect_err(key).key, key);
+        }
+    }
 
     #[test]
     fn defaults_are_valid_and_each_failure_names_its_key() {

@@ -138,6 +138,17 @@ impl Config {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.worker.validate()?;
+        if self.amqp.lanes.len() > usize::from(self.worker.concurrency) {
+            return Err(ConfigError::new(
+                "amqp.lanes",
+                format!(
+                    "{} lanes need a worker.concurrency of at least {} (one slot each); it is {}",
+                    self.amqp.lanes.len(),
+                    self.amqp.lanes.len(),
+                    self.worker.concurrency
+                ),
+            ));
+        }
         self.limits.validate()?;
         self.smtp.validate()?;
         self.relays.validate()?;

@@ -23,7 +23,9 @@ mod shutdown;
 mod smtp;
 mod worker;
 
-pub use amqp::{AmqpConfig, BrokerAuth, BrokerTlsConfig, BrokerUrls, QueueType};
+pub use amqp::{
+    AmqpConfig, BrokerAuth, BrokerTlsConfig, BrokerUrls, LaneConfig, QueueType, shares,
+};
 pub use dkim::{DEFAULT_SIGNED_HEADERS, DkimAlgorithm, DkimEntry, MIN_RSA_BITS};
 /// The former path of [`duration::optional`].
 pub use enums::ConfigEnum;

@@ -8,7 +8,7 @@ use lettre::address::Envelope;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use super::context::JobContext;
+use super::context::{JobContext, Lane};
 use super::delivery::DeliveryMeta;
 use super::receipt::Facts;
 use super::settle;
@@ -53,6 +53,7 @@ impl Attempt {
 /// read that far, its Message-ID, recipients, relay: for the receipt), and how it ended.
 pub async fn run(
     ctx: &JobContext,
+    lane: &Lane,
     body: &[u8],
     meta: &DeliveryMeta,
     abandon: &CancellationToken,
@@ -85,19 +86,20 @@ pub async fn run(
     if meta.redelivered {
         // Its earlier handling (elsewhere, or before a restart) may have reached the relay; the
         // stable Message-ID lets receivers drop the copy.
-        ctx.metrics.jobs_redelivered.inc();
+        lane.metrics.redelivered.inc();
         tracing::info!("redelivered by the broker: it may have been sent before");
     }
     let job = match job {
         Ok(job) => job,
         Err(invalid) => return (facts, Attempt::failed(Failure::Invalid, invalid)),
     };
-    let attempt = send(ctx, &job, body, meta, abandon, &mut facts).await;
+    let attempt = send(ctx, lane, &job, body, meta, abandon, &mut facts).await;
     (facts, attempt)
 }
 
 async fn send(
     ctx: &JobContext,
+    lane: &Lane,
     job: &job::Job,
     body: &[u8],
     meta: &DeliveryMeta,
@@ -140,7 +142,7 @@ async fn send(
     match result {
         Ok(sent) => Attempt::Sent { sent, relay },
         Err(error) => Attempt::Failed(Failed {
-            failure: failure_of(ctx, &error, &relay),
+            failure: failure_of(lane, &error, &relay),
             error: error.to_string(),
             smtp_code: error.code(),
             enhanced: error.enhanced(),
@@ -150,12 +152,12 @@ async fn send(
 
 /// What a failed send means for the job. The smtp module decided it where the failure was born;
 /// here the operator is told about the two kinds that need their attention.
-fn failure_of(ctx: &JobContext, error: &SendError, relay: &str) -> Failure {
+fn failure_of(lane: &Lane, error: &SendError, relay: &str) -> Failure {
     match error.verdict().job() {
         JobMeaning::Rejected => Failure::Rejected,
         JobMeaning::Retry => Failure::Transient,
         JobMeaning::Ambiguous => {
-            ctx.metrics.jobs_ambiguous.inc();
+            lane.metrics.ambiguous.inc();
             tracing::warn!(
                 relay = %relay,
                 error = %error,

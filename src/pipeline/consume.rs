@@ -1,16 +1,20 @@
 //! Where deliveries come from: broker sessions, one after the other for as long as it takes, and
-//! in each the consume loop: qos, consume, a permit per job, a task per delivery.
+//! in each the consume loop: a consumer per lane with its share as prefetch, a slot per job, a
+//! task per delivery.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::context::JobContext;
 use super::delivery;
+use super::slots::{Plan, Slots};
 use crate::amqp::{self, BrokerSession, Connections, SessionError};
 use crate::config::AmqpConfig;
 use crate::config::redact_url;
@@ -151,11 +155,11 @@ impl Consumer {
     /// (then drains) or the topology conflicts (then drains and returns the conflict).
     pub async fn run(&self, shutdown: &Shutdown) -> Result<(), Fatal> {
         // At most `concurrency` jobs at once, even while the deliveries of a lost connection
-        // finish: the permits outlive the sessions.
-        let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
+        // finish: the slots outlive the sessions.
+        let slots = Slots::new(self.ctx.lanes.len());
         let mut reconnect = Reconnect::new(self.amqp.reconnect_max_delay);
         let result = loop {
-            match self.session(shutdown, &permits, &mut reconnect).await {
+            match self.session(shutdown, &slots, &mut reconnect).await {
                 SessionEnd::Shutdown => break Ok(()),
                 SessionEnd::Fatal(error) => break Err(error),
                 SessionEnd::Lost(reason) => {
@@ -205,7 +209,7 @@ impl Consumer {
     async fn session(
         &self,
         shutdown: &Shutdown,
-        permits: &Arc<Semaphore>,
+        slots: &Arc<Slots>,
         reconnect: &mut Reconnect,
     ) -> SessionEnd {
         let ctx = &self.ctx;
@@ -217,128 +221,145 @@ impl Consumer {
             _ = shutdown.requested() => return SessionEnd::Shutdown,
         };
         reconnect.answered();
-        let mut session = match connections.setup(&ctx.topology, &ctx.publisher).await {
+        let session = match connections.setup(&ctx.topology, &ctx.publisher).await {
             Ok(session) => session,
             Err(SessionError::Topology(e)) => return SessionEnd::Fatal(e),
             Err(SessionError::Broker(reason)) => return SessionEnd::Lost(reason),
         };
-        // Prefetch per consumer (global = false): quorum queues refuse global QoS.
-        let consumer = async {
-            session
-                .channel
-                .basic_qos(self.concurrency, BasicQosOptions { global: false })
-                .await?;
-            session
-                .channel
-                .basic_consume(
-                    ctx.topology.queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-        };
-        let mut consumer = match consumer.await {
-            Ok(consumer) => consumer,
-            Err(e) => {
-                session.close(&ctx.publisher).await;
-                return SessionEnd::Lost(e.to_string());
+        let weights = ctx.lanes.iter().map(|l| l.topology.weight).collect();
+        let plan = Plan::new(weights, self.concurrency, Instant::now());
+        let mut lanes = Vec::with_capacity(ctx.lanes.len());
+        for (i, lane) in ctx.lanes.iter().enumerate() {
+            match consume(&session.channel, &lane.topology.queue, plan.entitled(i)).await {
+                Ok(active) => lanes.push(LaneConsumer::new(active, plan.entitled(i))),
+                Err(e) => {
+                    session.close(&ctx.publisher).await;
+                    return SessionEnd::Lost(e.to_string());
+                }
             }
+        }
+        let mut consuming = Consuming {
+            session,
+            queues: ctx.lanes.iter().map(|l| l.topology.queue.clone()).collect(),
+            lanes,
+            plan,
         };
 
         self.ctx.metrics.broker_connected.set(1);
         self.status.set(Phase::Consuming, "consuming");
         let broker = self.amqp.url.get(node).map(redact_url).unwrap_or_default();
-        reconnect.consuming(node, &broker, &ctx.topology.queue, self.concurrency);
+        let queues = ctx.topology.queues();
+        reconnect.consuming(node, &broker, &queues, self.concurrency);
         systemd::ready(&format!(
-            "consuming {} with concurrency {}",
-            ctx.topology.queue, self.concurrency
+            "consuming {queues} with concurrency {}",
+            self.concurrency
         ));
 
         // Cancelled when this session's channel is lost: its deliveries can no longer be acked.
         let abandon = shutdown.abandon_token();
         let drain_over = shutdown.drain_over();
         let mut beat = tokio::time::interval(self.beat_every);
+        let concurrency = usize::from(self.concurrency);
         let end = loop {
             self.status.beat();
-            // The connection is watched while waiting for a permit too: every permit may be
-            // held by jobs waiting for the publisher (a receipt to confirm), which only a
-            // reconnect gives back.
-            let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break SessionEnd::Shutdown,
-                },
+            // A delivery that waited for a slot goes first.
+            while slots.total() < concurrency {
+                let Some((lane, delivery)) = consuming.take_parked(slots) else {
+                    break;
+                };
+                self.start(lane, delivery, slots, &abandon, &drain_over, shutdown);
+            }
+            if let Err(e) = consuming.replan(slots).await {
+                break SessionEnd::Lost(e.to_string());
+            }
+            // The connection is watched while every slot is taken too: they may all be held
+            // by jobs waiting for the publisher (a receipt to confirm), which only a reconnect
+            // gives back.
+            let next = tokio::select! {
+                next = next_delivery(&mut consuming.lanes, &consuming.plan, slots) => next,
+                _ = slots.freed() => continue,
                 _ = shutdown.requested() => break SessionEnd::Shutdown,
-                event = session.events.next() => match event {
+                event = consuming.session.events.next() => match event {
                     Some(lapin::Event::Error(e)) => break SessionEnd::Lost(e.to_string()),
                     Some(_) => continue,
                     None => break SessionEnd::Lost("the broker connection closed".into()),
                 },
                 _ = beat.tick() => continue,
             };
-            let delivery = tokio::select! {
-                delivery = consumer.next() => delivery,
-                _ = shutdown.requested() => break SessionEnd::Shutdown,
-                event = session.events.next() => match event {
-                    Some(lapin::Event::Error(e)) => break SessionEnd::Lost(e.to_string()),
-                    Some(_) => continue,
-                    None => break SessionEnd::Lost("the broker connection closed".into()),
-                },
-                _ = beat.tick() => continue,
-            };
-            match delivery {
-                Some(Ok(delivery)) => {
-                    let ctx = ctx.clone();
-                    let abandon = abandon.clone();
-                    let drain_over = drain_over.clone();
-                    // Boxed, so that spawning moves a pointer rather than the whole future.
-                    shutdown.spawn_job(Box::pin(async move {
-                        delivery::handle(ctx, delivery, abandon, drain_over).await;
-                        drop(permit);
-                    }));
+            match next {
+                Next::Delivery(lane, delivery) => {
+                    consuming.plan.delivered(lane, Instant::now());
+                    if slots.total() < concurrency {
+                        self.start(lane, delivery, slots, &abandon, &drain_over, shutdown);
+                    } else {
+                        consuming.lanes[lane].parked = Some(delivery);
+                    }
                 }
-                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                None => {
-                    break SessionEnd::Lost(
-                        "the broker cancelled the consumer (queue deleted?)".into(),
-                    );
-                }
+                Next::Lost(reason) => break SessionEnd::Lost(reason),
             }
         };
 
         match end {
-            SessionEnd::Shutdown => self.stop(session, consumer, shutdown).await,
+            SessionEnd::Shutdown => self.stop(consuming, shutdown).await,
             SessionEnd::Lost(_) | SessionEnd::Fatal(_) => {
                 abandon.cancel();
-                session.abandon(&ctx.publisher);
+                consuming.session.abandon(&ctx.publisher);
             }
         }
         end
     }
 
-    /// A stop while consuming: cancel the consumer, hand back what was already on its way,
-    /// drain while the channel can still ack, then close the session.
-    async fn stop(
+    /// Starts the job of a delivery of `lane` in a slot of its own.
+    fn start(
         &self,
-        session: BrokerSession,
-        mut consumer: lapin::Consumer,
+        lane: usize,
+        delivery: Delivery,
+        slots: &Arc<Slots>,
+        abandon: &CancellationToken,
+        drain_over: &CancellationToken,
         shutdown: &Shutdown,
     ) {
+        let slot = slots.take(lane);
+        let ctx = self.ctx.clone();
+        let abandon = abandon.clone();
+        let drain_over = drain_over.clone();
+        // Boxed, so that spawning moves a pointer rather than the whole future.
+        shutdown.spawn_job(Box::pin(async move {
+            delivery::handle(ctx, lane, delivery, abandon, drain_over).await;
+            drop(slot);
+        }));
+    }
+
+    /// A stop while consuming: cancel the consumers, hand back what was already on its way,
+    /// drain while the channel can still ack, then close the session.
+    async fn stop(&self, consuming: Consuming, shutdown: &Shutdown) {
         self.announce_stop();
-        let _ = session
-            .channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
-        // Deliveries already on their way when the cancel went out: hand them back.
+        let Consuming { session, lanes, .. } = consuming;
         let requeue = BasicNackOptions {
             requeue: true,
             ..BasicNackOptions::default()
         };
-        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(CANCEL_FLUSH, consumer.next()).await
-        {
-            let _ =
-                tokio::time::timeout(super::settle::ACK_WAIT, delivery.acker.nack(requeue)).await;
+        let mut flushing = Vec::new();
+        for lane in lanes {
+            let _ = session
+                .channel
+                .basic_cancel(lane.active.tag(), BasicCancelOptions::default())
+                .await;
+            if let Some(delivery) = lane.parked {
+                let _ = tokio::time::timeout(super::settle::ACK_WAIT, delivery.acker.nack(requeue))
+                    .await;
+            }
+            flushing.push(lane.active);
+            flushing.extend(lane.retiring);
+        }
+        // Deliveries already on their way when the cancel went out: hand them back.
+        for mut consumer in flushing {
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(CANCEL_FLUSH, consumer.next()).await
+            {
+                let _ = tokio::time::timeout(super::settle::ACK_WAIT, delivery.acker.nack(requeue))
+                    .await;
+            }
         }
         // While the channel is still open, so that the jobs in flight can be acked.
         shutdown.drain().await;
@@ -346,6 +367,171 @@ impl Consumer {
         session.close(&self.ctx.publisher).await;
         tracing::info!("stopped");
     }
+}
+
+/// Asks for `prefetch` deliveries at most and consumes `queue`. Prefetch per consumer
+/// (global = false): quorum queues refuse global QoS; and RabbitMQ applies it to the consumers
+/// created after it, so a new prefetch needs a new consumer.
+async fn consume(
+    channel: &lapin::Channel,
+    queue: &str,
+    prefetch: u16,
+) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await?;
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// One lane's consumers in a session.
+struct LaneConsumer {
+    active: lapin::Consumer,
+    /// The prefetch `active` was created with.
+    prefetch: u16,
+    /// Consumers cancelled for a new prefetch: what they had buffered is still handled, then
+    /// they end.
+    retiring: Vec<lapin::Consumer>,
+    /// A delivery taken while every slot was in use (a lender's first job, which takes its
+    /// share back): it starts at the next free slot, before anything else.
+    parked: Option<Delivery>,
+}
+
+impl LaneConsumer {
+    fn new(active: lapin::Consumer, prefetch: u16) -> Self {
+        Self {
+            active,
+            prefetch,
+            retiring: Vec::new(),
+            parked: None,
+        }
+    }
+}
+
+/// What the consumers gave. Not boxed: it lives for one step of the loop, and a box would cost
+/// an allocation per delivery.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Delivery(usize, Delivery),
+    Lost(String),
+}
+
+/// A session that consumes: its channel, each lane's consumers, and the plan of their shares.
+struct Consuming {
+    session: BrokerSession,
+    /// Each lane's work queue.
+    queues: Vec<String>,
+    lanes: Vec<LaneConsumer>,
+    plan: Plan,
+}
+
+impl Consuming {
+    /// A parked delivery, from the lane furthest below what it is entitled to.
+    fn take_parked(&mut self, slots: &Slots) -> Option<(usize, Delivery)> {
+        if self.lanes.iter().all(|lane| lane.parked.is_none()) {
+            return None;
+        }
+        let lane = order(&self.plan, self.lanes.len(), slots)
+            .into_iter()
+            .find(|&i| self.lanes[i].parked.is_some())?;
+        self.lanes[lane].parked.take().map(|d| (lane, d))
+    }
+
+    /// Lends the slots of idle lanes, or takes them back; a lane whose share changed consumes
+    /// anew with its new prefetch.
+    async fn replan(&mut self, slots: &Slots) -> Result<(), lapin::Error> {
+        let lanes = &self.lanes;
+        self.plan.update(
+            Instant::now(),
+            |i| slots.of(i),
+            |i| slots.of(i) > 0 || lanes[i].parked.is_some(),
+        );
+        for i in 0..self.lanes.len() {
+            let entitled = self.plan.entitled(i);
+            if self.lanes[i].prefetch == entitled {
+                continue;
+            }
+            let lane = &mut self.lanes[i];
+            let queue = &self.queues[i];
+            let fresh = consume(&self.session.channel, queue, entitled).await?;
+            let old = std::mem::replace(&mut lane.active, fresh);
+            lane.prefetch = entitled;
+            self.session
+                .channel
+                .basic_cancel(old.tag(), BasicCancelOptions::default())
+                .await?;
+            lane.retiring.push(old);
+            tracing::debug!(
+                queue = %queue,
+                prefetch = entitled,
+                lending = self.plan.lending(i),
+                "lane consumes with a new prefetch"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The lanes, furthest below their entitlement first (ties: the order of `amqp.lanes`).
+fn order(plan: &Plan, lanes: usize, slots: &Slots) -> Vec<usize> {
+    if lanes == 1 {
+        return vec![0];
+    }
+    let mut order: Vec<(u64, usize)> = (0..lanes)
+        .map(|i| {
+            let used = slots.of(i) as u64 * 1024 / u64::from(plan.entitled(i).max(1));
+            (used, i)
+        })
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, i)| i).collect()
+}
+
+/// The next delivery of a lane that may take one, retiring consumers first.
+async fn next_delivery(lanes: &mut [LaneConsumer], plan: &Plan, slots: &Slots) -> Next {
+    let order = order(plan, lanes.len(), slots);
+    std::future::poll_fn(|cx| {
+        for &i in &order {
+            let lane = &mut lanes[i];
+            if lane.parked.is_some() || slots.of(i) >= usize::from(plan.entitled(i)) {
+                continue;
+            }
+            let mut k = 0;
+            while k < lane.retiring.len() {
+                match lane.retiring[k].poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(delivery))) => {
+                        return Poll::Ready(Next::Delivery(i, delivery));
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Next::Lost(e.to_string())),
+                    // Cancelled and emptied.
+                    Poll::Ready(None) => {
+                        lane.retiring.swap_remove(k);
+                    }
+                    Poll::Pending => k += 1,
+                }
+            }
+            match lane.active.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(delivery))) => {
+                    return Poll::Ready(Next::Delivery(i, delivery));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Next::Lost(e.to_string())),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Next::Lost(
+                        "the broker cancelled the consumer (queue deleted?)".into(),
+                    ));
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]

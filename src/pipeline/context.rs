@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::recent::RecentlySettled;
-use crate::amqp::{Publisher, Topology};
+use crate::amqp::{LaneTopology, Publisher, Topology};
 use crate::dkim::Signers;
 use crate::job::Limits;
 use crate::message::MessageDefaults;
-use crate::metrics::Metrics;
+use crate::metrics::{LaneMetrics, Metrics};
 use crate::policy::{ErrorKind, Schedule};
 use crate::smtp::Transport;
 
@@ -22,6 +22,8 @@ pub struct JobContext {
     pub transport: Transport,
     pub publisher: Publisher,
     pub topology: Topology,
+    /// The work queues, each with its retry tiers and its metrics: one without `amqp.lanes`.
+    pub lanes: Vec<Lane>,
     pub schedule: Schedule,
     pub limits: Limits,
     pub defaults: MessageDefaults,
@@ -40,6 +42,34 @@ pub struct JobContext {
     /// The jobs past their send, settling (republishes, receipt, ack): after a grace that ran
     /// out, the stop waits a moment for them before closing the channel.
     pub settling: tokio_util::task::TaskTracker,
+}
+
+/// One work queue of the worker: the queue and its retry tiers, and the job metrics with its
+/// label.
+pub struct Lane {
+    pub topology: LaneTopology,
+    pub metrics: LaneMetrics,
+}
+
+impl Lane {
+    /// Each lane of `topology`, its metrics registered with `metrics`.
+    pub fn all(topology: &Topology, metrics: &Metrics) -> Vec<Lane> {
+        let names: Vec<Option<&str>> = topology.lanes.iter().map(|l| l.name.as_deref()).collect();
+        topology
+            .lanes
+            .iter()
+            .zip(metrics.lanes(&names))
+            .map(|(topology, metrics)| Lane {
+                topology: topology.clone(),
+                metrics,
+            })
+            .collect()
+    }
+
+    /// The lane's name; `None` for a worker without lanes.
+    pub fn name(&self) -> Option<&str> {
+        self.topology.name.as_deref()
+    }
 }
 
 /// How a delivery was settled, for whoever listens (tests, tools). Sent once the job is done

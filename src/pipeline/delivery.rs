@@ -82,18 +82,21 @@ impl DeliveryMeta {
 /// is given up (see `settle::apply`).
 pub async fn handle(
     ctx: Arc<JobContext>,
+    lane: usize,
     delivery: Delivery,
     abandon: CancellationToken,
     drain_over: CancellationToken,
 ) {
     let received = SystemTime::now();
-    ctx.metrics.jobs_received.inc();
-    ctx.metrics.jobs_in_flight.inc();
+    let lane = &ctx.lanes[lane];
+    lane.metrics.received.inc();
+    lane.metrics.in_flight.inc();
     let meta = DeliveryMeta::read(&delivery);
     // `job_id` is recorded once, when it is known: the job's own id from its body, else the
     // AMQP message id (recording a field twice would print it twice).
     let span = tracing::info_span!(
         "job",
+        lane = lane.name(),
         job_id = field::Empty,
         attempt = meta.attempt(),
         outcome = field::Empty,
@@ -136,7 +139,7 @@ pub async fn handle(
         } else {
             // Boxed: the send's state machine is kilobytes, and a task's future is copied
             // several times when spawned; this way the task keeps only a pointer.
-            let attempt = Box::pin(attempt::run(&ctx, &delivery.data, &meta, &abandon));
+            let attempt = Box::pin(attempt::run(&ctx, lane, &delivery.data, &meta, &abandon));
             let (facts, attempt) = match guarded(attempt).await {
                 Ok((facts, attempt)) => {
                     job_id = facts.job_id.clone().or(job_id);
@@ -159,11 +162,13 @@ pub async fn handle(
             let settlement = settle::plan(attempt, &meta, &ctx.schedule, settled);
             receipt = answers.and_then(|answers| {
                 let times = receipt::Times { received, settled };
-                receipt::of(&settlement, answers, facts, &meta, times)
+                let mut receipt = receipt::of(&settlement, answers, facts, &meta, times)?;
+                receipt.lane = lane.name().map(str::to_string);
+                Some(receipt)
             });
             settlement
         };
-        let apply = settle::apply(&ctx, delivery, settlement, receipt, &drain_over);
+        let apply = settle::apply(&ctx, lane, delivery, settlement, receipt, &drain_over);
         let outcome = Box::pin(apply).await;
         // Not for a stray: its key is the next attempt's, which the job's real retry has too.
         if outcome.is_settled() && !stray {
@@ -174,7 +179,7 @@ pub async fn handle(
         Span::current().record("outcome", outcome.name());
         // The job is done before anyone hears of it: a listener that reads the gauge after the
         // event must not count this job in flight.
-        ctx.metrics.jobs_in_flight.dec();
+        lane.metrics.in_flight.dec();
         let _ = ctx.events.send(JobEvent {
             job_id,
             attempt: meta.attempt(),

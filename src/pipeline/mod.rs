@@ -18,8 +18,9 @@ mod delivery;
 mod receipt;
 mod recent;
 mod settle;
+mod slots;
 
 pub use consume::Consumer;
-pub use context::{JobContext, JobEvent, JobOutcome};
+pub use context::{JobContext, JobEvent, JobOutcome, Lane};
 pub use receipt::{OUTCOMES as RECEIPT_OUTCOMES, VERSION as RECEIPT_VERSION};
 pub use recent::RecentlySettled;

@@ -61,6 +61,9 @@ pub struct Receipt {
     pub metadata: BTreeMap<String, String>,
     /// The job's `tags`, echoed.
     pub tags: Vec<String>,
+    /// The lane (`amqp.lanes`) the job came through; absent for a worker without lanes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
     /// The job's AMQP `reply_to`: the receipt also goes there. Not part of the document.
     #[serde(skip)]
     pub reply_to: Option<String>,
@@ -283,6 +286,7 @@ pub fn of(
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         metadata: facts.metadata,
         tags: facts.tags,
+        lane: None,
         reply_to: meta.reply_to.clone(),
     })
 }

@@ -30,11 +30,11 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::Attempt;
-use super::context::{JobContext, JobOutcome};
+use super::context::{JobContext, JobOutcome, Lane};
 use super::delivery::DeliveryMeta;
 use super::receipt::{self, Receipt};
 use crate::amqp::{FailureHeaders, PublishError, format_duration, republish_properties, rfc3339};
-use crate::metrics::{KindLabel, RECEIPT_DROPPED_AT_STOP, RECEIPT_REFUSED_BY_REPLY_TO};
+use crate::metrics::{RECEIPT_DROPPED_AT_STOP, RECEIPT_REFUSED_BY_REPLY_TO};
 use crate::policy::{Decision, Failure, Schedule};
 use crate::smtp::{EnhancedCode, Refusal, Sent};
 
@@ -293,6 +293,7 @@ pub fn expired(
 /// again: `ReceiptUnconfirmed`, a possible duplicate.
 pub async fn apply(
     ctx: &JobContext,
+    lane: &Lane,
     delivery: Delivery,
     settlement: Settlement,
     receipt: Option<Receipt>,
@@ -307,31 +308,31 @@ pub async fn apply(
                 outcome = "abandoned",
                 "stopped before sending; the broker will deliver the job again"
             );
-            ctx.metrics.jobs_abandoned.inc();
+            lane.metrics.abandoned.inc();
             // Neither acked nor nacked: its channel is closing, and the broker requeues it.
             drop(delivery);
             outcome
         }
         Settlement::AlreadyHandled => {
-            ctx.metrics.jobs_redelivered.inc();
-            ctx.metrics.duplicates_avoided.inc();
+            lane.metrics.redelivered.inc();
+            lane.metrics.duplicates_avoided.inc();
             tracing::info!(
                 outcome = "already-handled",
                 "redelivered after a lost ack; this worker had already handled it: acked \
                  without sending again"
             );
-            let _acked = ack(ctx, delivery).await;
+            let _acked = ack(lane, delivery).await;
             outcome
         }
         Settlement::Stray => {
-            ctx.metrics.duplicates_avoided.inc();
+            lane.metrics.duplicates_avoided.inc();
             tracing::info!(
                 outcome = "already-handled",
                 "a copy this worker republished although the broker did not confirm it, for a \
                  job it then handed back whole: the job lives on in its original, so this copy \
                  is acked without sending"
             );
-            let _acked = ack(ctx, delivery).await;
+            let _acked = ack(lane, delivery).await;
             outcome
         }
         Settlement::Ack(delivered) => {
@@ -344,15 +345,15 @@ pub async fn apply(
                 enhanced_code,
                 "delivered"
             );
-            ctx.metrics.jobs_delivered.inc();
-            let receipted = receipted(ctx, receipt, drain_over).await;
-            settled(ack(ctx, delivery).await, receipted, outcome)
+            lane.metrics.delivered.inc();
+            let receipted = receipted(ctx, lane, receipt, drain_over).await;
+            settled(ack(lane, delivery).await, receipted, outcome)
         }
         Settlement::RepublishThenAck(republishes) => {
             let mut published = Vec::new();
             for republish in republishes.all() {
                 let copy_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-                let result = publish(ctx, &delivery, republish, &copy_id).await;
+                let result = publish(ctx, lane, &delivery, republish, &copy_id).await;
                 let may_exist = result
                     .as_ref()
                     .map_or_else(PublishError::may_have_landed, |()| true);
@@ -372,7 +373,7 @@ pub async fn apply(
                              back to the queue, so the recipients that took it will get it again"
                         );
                     }
-                    return requeue(ctx, delivery).await;
+                    return requeue(lane, delivery).await;
                 }
             }
             for refused in republishes.all().filter_map(|r| r.refused) {
@@ -381,15 +382,12 @@ pub async fn apply(
                 } else {
                     "temporary"
                 };
-                ctx.metrics
-                    .recipients_refused
-                    .get_or_create(&KindLabel { kind })
-                    .inc_by(refused.count as u64);
+                lane.metrics.recipients_refused(kind, refused.count as u64);
             }
             // Even without its receipt, the job is acked once its republishes are confirmed:
             // left unacked, it would live on twice, here and in the queue it was republished to.
-            let receipted = receipted(ctx, receipt, drain_over).await;
-            let acked = ack(ctx, delivery).await;
+            let receipted = receipted(ctx, lane, receipt, drain_over).await;
+            let acked = ack(lane, delivery).await;
             if let Some(delivered) = &republishes.delivered {
                 let (queue_id, enhanced_code) = reply_facts(delivered.reply.as_deref());
                 tracing::info!(
@@ -403,7 +401,7 @@ pub async fn apply(
                     enhanced_code,
                     "delivered to some recipients; the refused ones are handled on their own"
                 );
-                ctx.metrics.jobs_delivered.inc();
+                lane.metrics.delivered.inc();
             }
             settled(acked, receipted, outcome)
         }
@@ -447,16 +445,17 @@ fn settled(acked: bool, receipted: bool, outcome: JobOutcome) -> JobOutcome {
 /// once confirmed. An error when the broker did not confirm it.
 async fn publish(
     ctx: &JobContext,
+    lane: &Lane,
     delivery: &Delivery,
     republish: &Republish,
     copy_id: &str,
 ) -> Result<(), PublishError> {
     let failure = &republish.failure;
     let queue = match republish.to {
-        Target::Retry(delay) => ctx.topology.retry_queue(delay),
+        Target::Retry(delay) => lane.topology.retry_queue(delay),
         Target::DeadLetter => ctx.topology.dead_letter_queue.clone(),
     };
-    let properties = republish_properties(&delivery.properties, failure, copy_id);
+    let properties = republish_properties(&delivery.properties, failure, copy_id, lane.name());
     let publish = Box::pin(
         ctx.publisher
             .publish("", &queue, &delivery.data, properties),
@@ -493,7 +492,7 @@ async fn publish(
                 error = %failure.last_error,
                 "attempt failed; retrying later"
             );
-            ctx.metrics.retried(failure.attempt);
+            lane.metrics.retried(failure.attempt);
         }
         Target::DeadLetter => {
             tracing::error!(
@@ -505,7 +504,7 @@ async fn publish(
                 reason = %failure.last_error,
                 "job dead-lettered"
             );
-            ctx.metrics.dead_lettered(failure.kind);
+            lane.metrics.dead_lettered(failure.kind);
         }
     }
     Ok(())
@@ -526,6 +525,7 @@ const RECEIPT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// operator's, is waited for.
 async fn receipted(
     ctx: &JobContext,
+    lane: &Lane,
     receipt: Option<Receipt>,
     drain_over: &CancellationToken,
 ) -> bool {
@@ -564,7 +564,7 @@ async fn receipted(
                     targets.remove(0);
                 }
                 Err(PublishError::Nacked) if exchange.is_empty() => {
-                    reply_to_refused(ctx, routing_key, &receipt);
+                    reply_to_refused(lane, routing_key, &receipt);
                     targets.remove(0);
                 }
                 Err(e) => {
@@ -574,14 +574,14 @@ async fn receipted(
             }
         }
         let Some((exchange, routing_key, publish_error)) = failure else {
-            ctx.metrics.receipt_published(receipt.outcome);
+            lane.metrics.receipt_published(receipt.outcome);
             if tries > 0 && ctx.receipts_waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
                 tracing::info!("receipts are confirmed again; their jobs are acked");
             }
             return true;
         };
         tries += 1;
-        ctx.metrics.receipts_retried.inc();
+        lane.metrics.receipts_retried.inc();
         // Said once while receipts wait, by the first job to wait, not by each one.
         if tries == 1 && ctx.receipts_waiting.fetch_add(1, Ordering::Relaxed) == 0 {
             let to = if exchange.is_empty() {
@@ -605,7 +605,7 @@ async fn receipted(
         };
         if gave_up {
             ctx.receipts_waiting.fetch_sub(1, Ordering::Relaxed);
-            ctx.metrics.receipt_dropped(RECEIPT_DROPPED_AT_STOP);
+            lane.metrics.receipt_dropped(RECEIPT_DROPPED_AT_STOP);
             tracing::error!(
                 receipt_id = %receipt.receipt_id,
                 receipt = %String::from_utf8_lossy(&body),
@@ -657,8 +657,8 @@ fn reply_to_own_queue(queue: &str) {
 
 /// The job's `reply_to` queue refused its receipt: that copy is dropped (the events exchange's
 /// is not).
-fn reply_to_refused(ctx: &JobContext, queue: &str, receipt: &Receipt) {
-    ctx.metrics.receipt_dropped(RECEIPT_REFUSED_BY_REPLY_TO);
+fn reply_to_refused(lane: &Lane, queue: &str, receipt: &Receipt) {
+    lane.metrics.receipt_dropped(RECEIPT_REFUSED_BY_REPLY_TO);
     if !REPLY_TO_REFUSED_SAID.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             reply_to = queue,
@@ -673,12 +673,12 @@ fn reply_to_refused(ctx: &JobContext, queue: &str, receipt: &Receipt) {
 
 /// Acks the delivery; false (counted as a possible duplicate) when the ack could not be given:
 /// the broker will deliver the job again.
-async fn ack(ctx: &JobContext, delivery: Delivery) -> bool {
+async fn ack(lane: &Lane, delivery: Delivery) -> bool {
     match tokio::time::timeout(ACK_WAIT, delivery.acker.ack(BasicAckOptions::default())).await {
         Ok(Ok(true)) => true,
         // The channel this came on is gone: the broker will deliver the job again.
         Ok(Ok(false) | Err(_)) | Err(_) => {
-            ctx.metrics.possible_duplicates.inc();
+            lane.metrics.possible_duplicates.inc();
             tracing::warn!(
                 "could not ack: the broker connection was lost after the job was handled; the \
                  broker will redeliver it (a possible duplicate)"
@@ -688,8 +688,8 @@ async fn ack(ctx: &JobContext, delivery: Delivery) -> bool {
     }
 }
 
-async fn requeue(ctx: &JobContext, delivery: Delivery) -> JobOutcome {
-    ctx.metrics.jobs_requeued.inc();
+async fn requeue(lane: &Lane, delivery: Delivery) -> JobOutcome {
+    lane.metrics.requeued.inc();
     tokio::time::sleep(REQUEUE_PAUSE).await;
     let options = BasicNackOptions {
         requeue: true,
@@ -997,7 +997,9 @@ mod tests {
     #[test]
     fn every_retry_target_is_a_declared_queue() {
         let schedule = Schedule::new(&RetryConfig::default());
-        let topology = Topology::new(&AmqpConfig::default(), &schedule);
+        let topology = Topology::new(&AmqpConfig::default(), &schedule)
+            .lanes
+            .remove(0);
         for before in 0..schedule.max_attempts() + 2 {
             let settlement = plan(failed(Failure::Transient), &meta(before), &schedule, now());
             for republish in republishes(&settlement) {

@@ -303,8 +303,10 @@ pub async fn run(config: &Config, command: Command) -> Result<(), ToolError> {
             })
             .await?;
             eprintln!(
-                "replayed {} of {} dead letters looked at, to '{}'",
-                report.done, report.looked_at, config.amqp.queue
+                "replayed {} of {} dead letters looked at, to {}",
+                report.done,
+                report.looked_at,
+                work_queues(config)
             );
             Ok(())
         }
@@ -611,18 +613,45 @@ async fn republish(
         AMQPValue::LongString(LongString::from(amqp::rfc3339(SystemTime::now()))),
     );
     properties = properties.with_headers(headers);
+    let queue = work_queue(config, delivery);
     // Straight to the work queue: it does not depend on the exchange's bindings.
     publisher
-        .publish("", &config.amqp.queue, &delivery.data, properties)
+        .publish("", queue, &delivery.data, properties)
         .await
         .map(|_| ())
         .map_err(|e| {
             ToolError::Broker(format!(
                 "could not publish job {} back to '{}': {e}; it stays a dead letter",
                 letter.id.as_deref().unwrap_or("-"),
-                config.amqp.queue
+                queue
             ))
         })
+}
+
+/// The work queue a dead letter goes back to: `amqp.queue`, or with `amqp.lanes` the queue of
+/// the lane it came through (its `lane` header), else the first lane's.
+fn work_queue<'a>(config: &'a Config, delivery: &Delivery) -> &'a str {
+    let lanes = &config.amqp.lanes;
+    if lanes.is_empty() {
+        return &config.amqp.queue;
+    }
+    let named = amqp::header_text(&delivery.properties, amqp::headers::LANE);
+    lanes
+        .iter()
+        .find(|lane| Some(&lane.name) == named.as_ref())
+        .unwrap_or(&lanes[0])
+        .queue
+        .as_str()
+}
+
+/// Where `replay` puts dead letters back, for its report.
+fn work_queues(config: &Config) -> String {
+    if config.amqp.lanes.is_empty() {
+        format!("'{}'", config.amqp.queue)
+    } else {
+        let queues: Vec<&str> = config.amqp.lanes.iter().map(|l| l.queue.as_str()).collect();
+        format!("the queues of their lanes ('{}')", queues.join("', '"))
+    }
 }
 
 /// At most `rate` ticks a second, the first at once.

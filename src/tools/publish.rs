@@ -56,6 +56,34 @@ pub struct PublishArgs {
     /// An extra header, "Name: value" (repeatable).
     #[arg(long)]
     pub header: Vec<String>,
+    /// With `amqp.lanes`: the lane to publish to, by name (its routing key). Default: the first
+    /// lane.
+    #[arg(long, value_name = "NAME")]
+    pub lane: Option<String>,
+}
+
+/// The routing key to publish with: `amqp.routing_key`, or the chosen lane's.
+fn routing_key<'a>(config: &'a Config, lane: Option<&str>) -> Result<&'a str, ToolError> {
+    let lanes = &config.amqp.lanes;
+    match lane {
+        None if lanes.is_empty() => Ok(&config.amqp.routing_key),
+        None => Ok(&lanes[0].routing_key),
+        Some(name) => lanes
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.routing_key.as_str())
+            .ok_or_else(|| {
+                let known: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
+                ToolError::Usage(if known.is_empty() {
+                    format!("--lane {name}: the configuration has no amqp.lanes")
+                } else {
+                    format!(
+                        "--lane {name}: no such lane; the lanes are {}",
+                        known.join(", ")
+                    )
+                })
+            }),
+    }
 }
 
 /// `amqp-mailer publish`: publishes the job and prints its id on standard output.
@@ -67,6 +95,7 @@ pub async fn run(config: &Config, args: PublishArgs) -> Result<(), ToolError> {
 
 /// Builds the job, checks it as the worker would, publishes it and returns its id.
 pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolError> {
+    let routing_key = routing_key(config, args.lane.as_deref())?;
     let (id, body) = build(args)?;
     // The worker would dead-letter an invalid job; better to say so here and publish nothing.
     // Decoded and built as the worker does, with the same configuration: a job without `from`
@@ -99,19 +128,14 @@ pub async fn publish(config: &Config, args: PublishArgs) -> Result<String, ToolE
         )
         .with_app_id("amqp-mailer publish".into());
     let result = publisher
-        .publish(
-            &config.amqp.exchange,
-            &config.amqp.routing_key,
-            &body,
-            properties,
-        )
+        .publish(&config.amqp.exchange, routing_key, &body, properties)
         .await;
     let _ = connection.close(200, "bye".into()).await;
     result.map_err(|e| match e {
         amqp::PublishError::Returned(..) => ToolError::Broker(format!(
             "{e}: no queue is bound to exchange '{}' with key '{}'; start the worker once so \
              that it declares its queues",
-            config.amqp.exchange, config.amqp.routing_key
+            config.amqp.exchange, routing_key
         )),
         other => ToolError::Broker(not_found_hint(other.to_string(), config)),
     })?;

@@ -57,14 +57,27 @@ pub struct WorkerStatus {
     pub in_flight: Option<u64>,
 }
 
+/// One lane of `amqp.lanes`: its work queue and retry tiers.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaneStatus {
+    pub name: String,
+    pub work_queue: QueueStatus,
+    pub retry: Vec<RetryTier>,
+}
+
 /// Everything `status` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    /// The work queue; with `amqp.lanes`, the first lane's (every lane is in `lanes`).
     pub work_queue: QueueStatus,
+    /// Its retry tiers.
     pub retry: Vec<RetryTier>,
+    /// With `amqp.lanes`: each lane, the first included; absent without lanes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lanes: Vec<LaneStatus>,
     pub dead_letters: QueueStatus,
     pub worker: Option<WorkerStatus>,
-    /// At least one consumer on the work queue.
+    /// At least one consumer on the work queue (on each lane's, with lanes).
     pub consuming: bool,
 }
 
@@ -102,9 +115,19 @@ pub async fn run(config: &Config, args: StatusArgs) -> Result<(), ToolError> {
     if status.consuming {
         Ok(())
     } else {
+        let idle: Vec<&str> = if status.lanes.is_empty() {
+            vec![status.work_queue.name.as_str()]
+        } else {
+            status
+                .lanes
+                .iter()
+                .filter(|lane| lane.work_queue.consumers.unwrap_or(0) == 0)
+                .map(|lane| lane.work_queue.name.as_str())
+                .collect()
+        };
         Err(ToolError::NotReady(format!(
             "nothing consumes '{}'",
-            status.work_queue.name
+            idle.join("', '")
         )))
     }
 }
@@ -112,12 +135,20 @@ pub async fn run(config: &Config, args: StatusArgs) -> Result<(), ToolError> {
 /// Reads every queue of the topology, and the worker at `http.listen`.
 pub async fn read(config: &Config, connection: &lapin::Connection) -> Result<Status, ToolError> {
     let topology = Topology::new(&config.amqp, &Schedule::new(&config.retry));
-    let work_queue = declared(connection, &topology.queue).await?;
-    let mut retry = Vec::new();
-    for (delay, name) in &topology.retry_queues {
-        retry.push(RetryTier {
-            delay: humantime::format_duration(*delay).to_string(),
-            queue: declared(connection, name).await?,
+    let mut lanes = Vec::new();
+    for lane in &topology.lanes {
+        let work_queue = declared(connection, &lane.queue).await?;
+        let mut retry = Vec::new();
+        for (delay, name) in &lane.retry_queues {
+            retry.push(RetryTier {
+                delay: humantime::format_duration(*delay).to_string(),
+                queue: declared(connection, name).await?,
+            });
+        }
+        lanes.push(LaneStatus {
+            name: lane.name.clone().unwrap_or_default(),
+            work_queue,
+            retry,
         });
     }
     let dead_letters = declared(connection, &topology.dead_letter_queue).await?;
@@ -125,10 +156,20 @@ pub async fn read(config: &Config, connection: &lapin::Connection) -> Result<Sta
         Some(_) => Some(worker(config).await),
         None => None,
     };
-    let consuming = work_queue.consumers.unwrap_or(0) > 0;
+    let consuming = lanes
+        .iter()
+        .all(|lane| lane.work_queue.consumers.unwrap_or(0) > 0);
+    let first = lanes
+        .first()
+        .cloned()
+        .ok_or_else(|| ToolError::Broker("the configuration names no work queue".to_string()))?;
+    if topology.lanes[0].name.is_none() {
+        lanes.clear();
+    }
     Ok(Status {
-        work_queue,
-        retry,
+        work_queue: first.work_queue,
+        retry: first.retry,
+        lanes,
         dead_letters,
         worker,
         consuming,
@@ -188,13 +229,18 @@ async fn worker(config: &Config) -> WorkerStatus {
     }
 }
 
-/// The value of an unlabelled sample `name` in Prometheus text.
+/// The sum of the samples of `name` in Prometheus text, whatever their labels (a worker with
+/// lanes has one per lane); `None` when there is none.
 fn gauge(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.split_once(' ')?;
-            (series == name).then(|| value.trim().parse::<f64>().ok())?
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric = series.split_once('{').map_or(series, |(metric, _)| metric);
+            (metric == name).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .fold(None, |sum: Option<f64>, value| {
+            Some(sum.unwrap_or(0.0) + value)
         })
         .map(|value| value as u64)
 }
@@ -222,12 +268,22 @@ pub fn render(status: &Status) -> String {
             count(queue.consumers)
         );
     };
-    line("work", &status.work_queue);
-    for tier in &status.retry {
-        line(&format!("retry {}", tier.delay), &tier.queue);
+    let mut waiting: u32 = 0;
+    if status.lanes.is_empty() {
+        line("work", &status.work_queue);
+        for tier in &status.retry {
+            line(&format!("retry {}", tier.delay), &tier.queue);
+        }
+        waiting = status.retry.iter().filter_map(|t| t.queue.ready).sum();
+    }
+    for lane in &status.lanes {
+        line(&format!("work {}", lane.name), &lane.work_queue);
+        for tier in &lane.retry {
+            line(&format!("retry {}", tier.delay), &tier.queue);
+        }
+        waiting += lane.retry.iter().filter_map(|t| t.queue.ready).sum::<u32>();
     }
     line("dead letters", &status.dead_letters);
-    let waiting: u32 = status.retry.iter().filter_map(|t| t.queue.ready).sum();
     let _ = writeln!(out, "\nwaiting to be retried: {waiting}");
     if let Some(worker) = &status.worker {
         // `/readyz` answers "ready" when it is; otherwise its reason is worth printing.
@@ -267,5 +323,8 @@ mod tests {
                     amqp_mailer_jobs_in_flight 7\namqp_mailer_jobs_in_flight_other 3\n";
         assert_eq!(gauge(text, "amqp_mailer_jobs_in_flight"), Some(7));
         assert_eq!(gauge(text, "amqp_mailer_missing"), None);
+        let lanes = "amqp_mailer_jobs_in_flight{lane=\"tx\"} 2\n\
+                     amqp_mailer_jobs_in_flight{lane=\"bulk\"} 5\n";
+        assert_eq!(gauge(lanes, "amqp_mailer_jobs_in_flight"), Some(7));
     }
 }

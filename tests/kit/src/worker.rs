@@ -47,11 +47,12 @@ pub fn test_config(broker: &Broker, smtp_port: u16) -> Config {
     config
 }
 
-/// The retry queue names a configuration declares, for cleanup.
+/// The retry queue names a configuration declares, every lane's, for cleanup.
 pub fn retry_queues(config: &Config) -> Vec<String> {
     Topology::new(&config.amqp, &Schedule::new(&config.retry))
-        .retry_queues
+        .lanes
         .into_iter()
+        .flat_map(|lane| lane.retry_queues)
         .map(|(_, name)| name)
         .collect()
 }
