@@ -453,6 +453,24 @@ async fn publish_takes_a_lane_and_a_dead_letter_is_replayed_into_its_own_lane() 
 
     let mut worker = WorkerProcess::start(&["--config", &config, "run"], &env);
     worker.wait_for_log("consuming", WAIT).await;
+    // `status` shows each lane, with its own retry tiers, each consumed.
+    let args = with_config(&["status", "--json"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, stdout, stderr) = run_to_end(&args, &env).await;
+    assert!(status.success(), "every lane consumed: {stdout}{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("status JSON");
+    assert_eq!(doc["lanes"][0]["name"], "transactional", "{doc}");
+    assert_eq!(doc["lanes"][1]["name"], "bulk", "{doc}");
+    assert_eq!(
+        doc["lanes"][1]["work_queue"]["name"],
+        lanes.bulk_queue.as_str()
+    );
+    assert_eq!(doc["lanes"][1]["work_queue"]["consumers"], 1);
+    assert_eq!(doc["lanes"][0]["work_queue"]["consumers"], 1);
+    assert_eq!(
+        doc["lanes"][1]["retry"][0]["name"],
+        format!("{}bulk.10s", broker.names.retry_prefix)
+    );
     // A job for a recipient the relay refuses, through the bulk lane: dead-lettered, with its
     // lane in a header.
     let args = with_config(&[

@@ -510,6 +510,25 @@ mod tests {
     }
 
     #[test]
+    fn each_lane_needs_a_slot_of_the_concurrency() {
+        let (_dir, path) = write_file(
+            "[worker]\nconcurrency = 1\n             [[amqp.lanes]]\nname = \"a\"\nqueue = \"qa\"\nrouting_key = \"a\"\n             [[amqp.lanes]]\nname = \"b\"\nqueue = \"qb\"\nrouting_key = \"b\"\n",
+        );
+        let error = load(Some(&path), env(&[])).expect_err("two lanes, one slot");
+        assert_eq!(error.key, "amqp.lanes", "{error}");
+        let (_dir, path) = write_file(
+            "[[amqp.lanes]]\nname = \"a\"\nqueue = \"qa\"\nrouting_key = \"a\"\nwieght = 2\n",
+        );
+        let error = load(Some(&path), env(&[])).expect_err("a misspelt key");
+        assert_eq!(error.key, "amqp.lanes[0].wieght", "{error}");
+        let (_dir, path) =
+            write_file("[[amqp.lanes]]\nname = \"a\"\nqueue = \"qa\"\nrouting_key = \"a\"\n");
+        let config = load(Some(&path), env(&[])).expect("one lane");
+        assert_eq!(config.amqp.lanes[0].weight, 1);
+        assert!(config.to_redacted_toml().contains("[[amqp.lanes]]"));
+    }
+
+    #[test]
     fn two_relays_may_not_share_a_name() {
         let (_dir, path) = write_file(
             "[[relays.list]]\nhost = \"smtp.office365.com\"\n\
