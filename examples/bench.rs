@@ -102,6 +102,11 @@ struct Args {
     /// case once with each, to see what signing costs.
     #[arg(long, value_enum, default_value_t = DkimChoice::Off)]
     dkim: DkimChoice,
+    /// Instead of the table: the fast case's worker under valgrind's callgrind, once with no
+    /// job and once with 2,000 (or --jobs), from the profiling build (release with symbols);
+    /// prints the instructions of start-up and stop, per job, and the functions that cost most.
+    #[arg(long)]
+    callgrind: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -150,6 +155,8 @@ struct Case {
     receipts: bool,
     /// DKIM signing: the key's name and the configuration file with its `[[dkim]]` entry.
     dkim: Option<(&'static str, std::path::PathBuf)>,
+    /// Run the worker under callgrind, its profile written here (`--callgrind`).
+    callgrind: Option<std::path::PathBuf>,
 }
 
 impl Case {
@@ -220,7 +227,12 @@ struct Options {
     /// The URL the benchmark itself uses: the first of the list that answers.
     amqp_url: String,
     binary: String,
+    /// `--callgrind`: the jobs of its run, and the profiling build it runs.
+    callgrind: Option<(usize, String)>,
 }
+
+/// Jobs of the `--callgrind` run unless --jobs says otherwise.
+const CALLGRIND_JOBS: usize = 2000;
 
 /// Jobs per slot in a scale-out run unless --jobs says otherwise. The ramp (instances starting
 /// a few milliseconds apart) and the drain (the last round, when slots run dry one by one) each
@@ -243,6 +255,7 @@ impl Options {
             delay: Duration::ZERO,
             receipts: true,
             dkim: None,
+            callgrind: None,
         };
         let slow = Case {
             name: "slow",
@@ -252,6 +265,7 @@ impl Options {
             delay: Duration::from_millis(50),
             receipts: true,
             dkim: None,
+            callgrind: None,
         };
         let mut cases = match args.case {
             CaseChoice::Fast => vec![fast],
@@ -349,6 +363,13 @@ impl Options {
             broker_list,
             binary: std::env::var("AMQP_MAILER_BIN")
                 .unwrap_or_else(|_| "target/release/amqp-mailer".into()),
+            callgrind: args.callgrind.then(|| {
+                (
+                    args.jobs.unwrap_or(CALLGRIND_JOBS),
+                    std::env::var("AMQP_MAILER_PROFILING_BIN")
+                        .unwrap_or_else(|_| "target/profiling/amqp-mailer".into()),
+                )
+            }),
         }
     }
 
@@ -395,6 +416,13 @@ async fn main() {
 }
 
 async fn run(mut options: Options) -> Result<(), Error> {
+    if options.callgrind.is_some() {
+        let (broker, url) = connect_first(&options.broker_list).await?;
+        options.amqp_url = url;
+        let result = callgrind(&options, &broker).await;
+        let _ = broker.close(200, "bye".into()).await;
+        return result;
+    }
     if !std::path::Path::new(&options.binary).is_file() {
         return Err(format!(
             "{} not found: build it with `cargo build --release` (bench/run does)",
@@ -604,6 +632,9 @@ fn names(tag: &str) -> AmqpConfig {
     }
 }
 
+/// The jobs have a small HTML part besides their text (`--callgrind`'s job).
+static HTML_PART: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn job_body(i: usize, size: usize) -> Vec<u8> {
     // Plain ASCII text, wrapped in lines, so the body is `size` bytes of text.
     let line = "The quick brown fox jumps over the lazy dog. 0123456789\n";
@@ -612,14 +643,20 @@ fn job_body(i: usize, size: usize) -> Vec<u8> {
         text.push_str(line);
     }
     text.truncate(size);
-    serde_json::json!({
+    let mut job = serde_json::json!({
         "id": format!("bench-{i}"),
         "to": format!("user{}@example.com", i % 1000),
         "subject": format!("Benchmark message {i}"),
         "text": text,
-    })
-    .to_string()
-    .into_bytes()
+    });
+    if HTML_PART.load(Ordering::Relaxed) {
+        job["html"] = serde_json::Value::from(format!(
+            "<html><body><h1>Benchmark message {i}</h1><p>The quick brown fox jumps over the \
+             lazy dog.</p><p><a href=\"https://example.com/u/{i}\">Your account</a></p>\
+             </body></html>"
+        ));
+    }
+    job.to_string().into_bytes()
 }
 
 /// Publishes `jobs` jobs to `queue` (default exchange), persistent, with confirms.
@@ -1139,7 +1176,17 @@ impl Worker {
         let concurrency = case.concurrency;
         let http_port = free_port()?;
         let started = Instant::now();
-        let mut command = Command::new(&options.binary);
+        let mut command = match (&case.callgrind, &options.callgrind) {
+            (Some(out), Some((_, profiling))) => {
+                let mut command = Command::new("valgrind");
+                command
+                    .arg("--tool=callgrind")
+                    .arg(format!("--callgrind-out-file={}", out.display()))
+                    .arg(profiling);
+                command
+            }
+            _ => Command::new(&options.binary),
+        };
         if let Some((_, config)) = &case.dkim {
             command.arg("--config").arg(config);
         }
@@ -1237,9 +1284,9 @@ impl Worker {
     }
 
     async fn wait_consuming(&self) -> Result<(), Error> {
-        tokio::time::timeout(Duration::from_secs(30), self.consuming.notified())
+        tokio::time::timeout(Duration::from_secs(120), self.consuming.notified())
             .await
-            .map_err(|_| "the worker did not start consuming within 30 s".into())
+            .map_err(|_| "the worker did not start consuming within 120 s".into())
     }
 
     fn consuming_at(&self) -> Option<Instant> {
@@ -1955,4 +2002,130 @@ fn print_scale_table(options: &Options, cases: &[Vec<ScaleRow>]) {
             );
         }
     }
+}
+
+/// `--callgrind`: the fast case's worker under callgrind, with no job and with N; the difference
+/// divided by N is the instructions per job, start-up and stop excluded.
+async fn callgrind(options: &Options, broker: &Connection) -> Result<(), Error> {
+    let Some((jobs, profiling)) = &options.callgrind else {
+        return Ok(());
+    };
+    if !std::path::Path::new(profiling).is_file() {
+        return Err(format!(
+            "{profiling} not found: build it with `cargo build --profile profiling --bin \
+             amqp-mailer` (bench/run --callgrind does)"
+        )
+        .into());
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-callgrind");
+    std::fs::create_dir_all(&dir)?;
+    let case = options
+        .cases
+        .iter()
+        .find(|case| case.name == "fast")
+        .cloned()
+        .ok_or("--callgrind runs the fast case")?;
+    println!(
+        "callgrind: the fast case ({} bytes of text and an HTML part of 200, concurrency {}, \
+         receipts {}), worker {profiling}",
+        case.size,
+        case.concurrency,
+        if case.receipts { "on" } else { "off" }
+    );
+    HTML_PART.store(true, Ordering::Relaxed);
+    let mut totals = Vec::new();
+    for (name, n) in [("idle", 0), ("jobs", *jobs)] {
+        let out = dir.join(format!("{name}.out"));
+        let _ = std::fs::remove_file(&out);
+        let run = Case {
+            jobs: n,
+            callgrind: Some(out.clone()),
+            ..case.clone()
+        };
+        callgrind_run(options, broker, &run).await?;
+        let total = callgrind_total(&out)?;
+        println!("  {n:>5} jobs: {total:>14} instructions (start, consume, stop)");
+        totals.push((total, out));
+    }
+    let (idle, _) = &totals[0];
+    let (busy, profile) = &totals[1];
+    let per_job = busy.saturating_sub(*idle) as f64 / (*jobs).max(1) as f64;
+    println!("start-up and stop: {idle} instructions");
+    println!("per job:           {per_job:.0} instructions (({busy} - {idle}) / {jobs})");
+    println!("\nfunctions by their own instructions, the run with {jobs} jobs:");
+    let annotate = std::process::Command::new("callgrind_annotate")
+        .arg("--inclusive=no")
+        .arg("--threshold=100")
+        .arg(profile)
+        .output()?;
+    let text = String::from_utf8_lossy(&annotate.stdout);
+    // The table after the header lines: "Ir  file:function", the largest first.
+    let rows: Vec<&str> = text
+        .lines()
+        .skip_while(|line| !line.contains("file:function"))
+        .skip(1)
+        .filter(|line| !line.trim().is_empty() && !line.starts_with("--"))
+        .take(25)
+        .collect();
+    for row in rows {
+        println!("  {}", row.trim());
+    }
+    println!(
+        "(the whole profile: callgrind_annotate {})",
+        profile.display()
+    );
+    Ok(())
+}
+
+/// One worker run under callgrind: `case.jobs` preloaded, all received and settled, then the
+/// worker stopped (callgrind writes its profile at exit).
+async fn callgrind_run(options: &Options, broker: &Connection, case: &Case) -> Result<(), Error> {
+    let (amqp, retry_queues) = prepare(
+        options,
+        broker,
+        &format!("callgrind{}", case.jobs),
+        case.jobs,
+        case.size,
+    )
+    .await?;
+    let result = async {
+        let mut sink = Sink::start("postfix", case.jobs, Duration::ZERO).await?;
+        let worker = Worker::spawn(options, &amqp, case, sink.port())?;
+        worker.wait_consuming().await?;
+        if case.jobs > 0 {
+            sink.wait_all(case.jobs, Duration::from_secs(900)).await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let metrics = worker.metrics().await?;
+            let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
+            let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
+            if delivered >= case.jobs as f64 && in_flight == 0.0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("settled {delivered} of {} under callgrind", case.jobs).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        worker.stop().await?;
+        sink.stop().await;
+        Ok(())
+    }
+    .await;
+    delete_queues(broker, &amqp, &retry_queues).await;
+    result
+}
+
+/// The instructions a callgrind profile counted in all (its `totals:` or `summary:` line).
+fn callgrind_total(profile: &std::path::Path) -> Result<u64, Error> {
+    let text = std::fs::read_to_string(profile)
+        .map_err(|e| format!("no callgrind profile at {}: {e}", profile.display()))?;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("totals:")
+                .or_else(|| line.strip_prefix("summary:"))
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("{}: no totals line", profile.display()).into())
 }
