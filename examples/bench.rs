@@ -1289,6 +1289,32 @@ impl Worker {
             .map_err(|_| "the worker did not start consuming within 120 s".into())
     }
 
+    /// Waits until the worker has delivered `jobs` and has none in flight: every delivery
+    /// acked. Asks `/metrics` every `every`; an error after `within`.
+    async fn wait_settled(
+        &self,
+        jobs: usize,
+        within: Duration,
+        every: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + within;
+        loop {
+            let metrics = self.metrics().await?;
+            let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
+            let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
+            if delivered >= jobs as f64 && in_flight == 0.0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the sink got all messages but the worker settled only {delivered} of {jobs}"
+                )
+                .into());
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     fn consuming_at(&self) -> Option<Instant> {
         self.consuming_at.lock().ok().and_then(|at| *at)
     }
@@ -1393,23 +1419,9 @@ async fn worker_run(
         worker.wait_consuming().await?;
         sink.wait_all(case.jobs, timeout).await?;
         // All received: now every delivery must be acked (none ready, none unacked).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let metrics = worker.metrics().await?;
-            let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
-            let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
-            if delivered >= case.jobs as f64 && in_flight == 0.0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the sink got all messages but the worker settled only {delivered} of {}",
-                    case.jobs
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        worker
+            .wait_settled(case.jobs, Duration::from_secs(30), Duration::from_millis(2))
+            .await?;
         let seconds = worker.started.elapsed().as_secs_f64();
         let cpu = cpu_ms(worker.pid);
         let rss = peak_rss_mib(worker.pid);
@@ -2095,19 +2107,13 @@ async fn callgrind_run(options: &Options, broker: &Connection, case: &Case) -> R
         if case.jobs > 0 {
             sink.wait_all(case.jobs, Duration::from_secs(900)).await?;
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let metrics = worker.metrics().await?;
-            let delivered = metric(&metrics, "amqp_mailer_jobs_delivered_total", &[]);
-            let in_flight = metric(&metrics, "amqp_mailer_jobs_in_flight", &[]);
-            if delivered >= case.jobs as f64 && in_flight == 0.0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!("settled {delivered} of {} under callgrind", case.jobs).into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        worker
+            .wait_settled(
+                case.jobs,
+                Duration::from_secs(120),
+                Duration::from_millis(20),
+            )
+            .await?;
         worker.stop().await?;
         sink.stop().await;
         Ok(())
