@@ -12,7 +12,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, 
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
-use super::context::JobContext;
+use super::context::{JobContext, Lane};
 use super::delivery;
 use super::slots::{Plan, Slots};
 use crate::amqp::{self, BrokerSession, Connections, SessionError};
@@ -240,7 +240,7 @@ impl Consumer {
         }
         let mut consuming = Consuming {
             session,
-            queues: ctx.lanes.iter().map(|l| l.topology.queue.clone()).collect(),
+            order: (0..ctx.lanes.len()).collect(),
             lanes,
             plan,
         };
@@ -269,14 +269,15 @@ impl Consumer {
                 };
                 self.start(lane, delivery, slots, &abandon, &drain_over, shutdown);
             }
-            if let Err(e) = consuming.replan(slots).await {
+            if let Err(e) = consuming.replan(slots, &ctx.lanes).await {
                 break SessionEnd::Lost(e.to_string());
             }
             // The connection is watched while every slot is taken too: they may all be held
             // by jobs waiting for the publisher (a receipt to confirm), which only a reconnect
             // gives back.
+            consuming.sort(slots);
             let next = tokio::select! {
-                next = next_delivery(&mut consuming.lanes, &consuming.plan, slots) => next,
+                next = next_delivery(&mut consuming.lanes, &consuming.plan, &consuming.order, slots) => next,
                 _ = slots.freed() => continue,
                 _ = shutdown.requested() => break SessionEnd::Shutdown,
                 event = consuming.session.events.next() => match event {
@@ -425,8 +426,9 @@ enum Next {
 /// A session that consumes: its channel, each lane's consumers, and the plan of their shares.
 struct Consuming {
     session: BrokerSession,
-    /// Each lane's work queue.
-    queues: Vec<String>,
+    /// The lanes, furthest below their entitlement first: sorted anew before each delivery is
+    /// taken, in place (no allocation on the hot path).
+    order: Vec<usize>,
     lanes: Vec<LaneConsumer>,
     plan: Plan,
 }
@@ -437,28 +439,30 @@ impl Consuming {
         if self.lanes.iter().all(|lane| lane.parked.is_none()) {
             return None;
         }
-        let lane = order(&self.plan, self.lanes.len(), slots)
-            .into_iter()
-            .find(|&i| self.lanes[i].parked.is_some())?;
+        self.sort(slots);
+        let lane = *self
+            .order
+            .iter()
+            .find(|&&i| self.lanes[i].parked.is_some())?;
         self.lanes[lane].parked.take().map(|d| (lane, d))
     }
 
     /// Lends the slots of idle lanes, or takes them back; a lane whose share changed consumes
     /// anew with its new prefetch.
-    async fn replan(&mut self, slots: &Slots) -> Result<(), lapin::Error> {
+    async fn replan(&mut self, slots: &Slots, worker_lanes: &[Lane]) -> Result<(), lapin::Error> {
         let lanes = &self.lanes;
         self.plan.update(
             Instant::now(),
             |i| slots.of(i),
             |i| slots.of(i) > 0 || lanes[i].parked.is_some(),
         );
-        for i in 0..self.lanes.len() {
+        for (i, worker_lane) in worker_lanes.iter().enumerate() {
             let entitled = self.plan.entitled(i);
             if self.lanes[i].prefetch == entitled {
                 continue;
             }
             let lane = &mut self.lanes[i];
-            let queue = &self.queues[i];
+            let queue = &worker_lane.topology.queue;
             let fresh = consume(&self.session.channel, queue, entitled).await?;
             let old = std::mem::replace(&mut lane.active, fresh);
             lane.prefetch = entitled;
@@ -476,28 +480,29 @@ impl Consuming {
         }
         Ok(())
     }
-}
 
-/// The lanes, furthest below their entitlement first (ties: the order of `amqp.lanes`).
-fn order(plan: &Plan, lanes: usize, slots: &Slots) -> Vec<usize> {
-    if lanes == 1 {
-        return vec![0];
+    /// Sorts `order`: the lanes furthest below their entitlement first (ties: the order of
+    /// `amqp.lanes`).
+    fn sort(&mut self, slots: &Slots) {
+        if self.order.len() > 1 {
+            let plan = &self.plan;
+            self.order.sort_unstable_by_key(|&i| {
+                let used = slots.of(i) as u64 * 1024 / u64::from(plan.entitled(i).max(1));
+                (used, i)
+            });
+        }
     }
-    let mut order: Vec<(u64, usize)> = (0..lanes)
-        .map(|i| {
-            let used = slots.of(i) as u64 * 1024 / u64::from(plan.entitled(i).max(1));
-            (used, i)
-        })
-        .collect();
-    order.sort_unstable();
-    order.into_iter().map(|(_, i)| i).collect()
 }
 
 /// The next delivery of a lane that may take one, retiring consumers first.
-async fn next_delivery(lanes: &mut [LaneConsumer], plan: &Plan, slots: &Slots) -> Next {
-    let order = order(plan, lanes.len(), slots);
+async fn next_delivery(
+    lanes: &mut [LaneConsumer],
+    plan: &Plan,
+    order: &[usize],
+    slots: &Slots,
+) -> Next {
     std::future::poll_fn(|cx| {
-        for &i in &order {
+        for &i in order {
             let lane = &mut lanes[i];
             if lane.parked.is_some() || slots.of(i) >= usize::from(plan.entitled(i)) {
                 continue;

@@ -159,13 +159,12 @@ pub async fn read(config: &Config, connection: &lapin::Connection) -> Result<Sta
     let consuming = lanes
         .iter()
         .all(|lane| lane.work_queue.consumers.unwrap_or(0) > 0);
-    let first = lanes
-        .first()
-        .cloned()
-        .ok_or_else(|| ToolError::Broker("the configuration names no work queue".to_string()))?;
-    if topology.lanes[0].name.is_none() {
-        lanes.clear();
-    }
+    // Topology::new makes one lane at least: the one queue, unnamed, without amqp.lanes.
+    let first = if topology.lanes[0].name.is_none() {
+        lanes.remove(0)
+    } else {
+        lanes[0].clone()
+    };
     Ok(Status {
         work_queue: first.work_queue,
         retry: first.retry,
